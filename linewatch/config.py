@@ -1,0 +1,384 @@
+"""Pydantic models of config.toml (unknown keys rejected), the loader and its error report.
+
+Each field carries a description, and a ``live`` flag in its schema extras: live keys apply on
+reload at once; the others need a restart of their stage, which the daemon does itself.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def live(description: str, **kw: Any) -> Any:
+    """A field that reloads live (applies at once on SIGHUP / `reload`)."""
+    return Field(description=description, json_schema_extra={"live": True}, **kw)
+
+
+def restart(description: str, **kw: Any) -> Any:
+    """A field whose change restarts its stage on reload."""
+    return Field(description=description, json_schema_extra={"live": False}, **kw)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------- daemon
+class DaemonConfig(Strict):
+    line: str = restart("Name of the production line; part of every ZeroMQ topic.", default="line1",
+                        pattern=r"^[A-Za-z0-9_-]+$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = live("Logging level.", default="INFO")
+    stage_stale_s: float = live("A stage whose heartbeat is older than this stops the systemd "
+                                "watchdog pings (so systemd restarts a hung daemon).", default=10.0, gt=0)
+    drain_timeout_s: float = live("On stop, how long to wait for in-flight frames to be inspected "
+                                  "before the rest are published NOT_INSPECTED.", default=10.0, ge=0)
+
+
+# --------------------------------------------------------------------------------------- sources
+class SyntheticSource(Strict):
+    kind: Literal["synthetic"] = "synthetic"
+    camera: str = restart("Camera name reported in results.", default="synthetic0")
+    width: int = restart("Frame width in pixels.", default=256, ge=32, le=8192)
+    height: int = restart("Frame height in pixels.", default=256, ge=32, le=8192)
+    channels: Literal[1, 3] = restart("1 = mono, 3 = RGB.", default=3)
+    fps: float = restart("Frames per second; 0 = as fast as the pipeline takes them.", default=20.0, ge=0)
+    defect_rate: float = restart("Fraction of parts that get a defect pasted in.", default=0.15, ge=0, le=1)
+    defect_kinds: list[Literal["scratch", "spot", "crack", "missing"]] = restart(
+        "Kinds of defect drawn at random.", default=["scratch", "spot", "crack", "missing"], min_length=1)
+    product: Literal["brushed_metal", "woven", "speckled"] = restart(
+        "Surface texture of the simulated parts.", default="brushed_metal")
+    seed: int = restart("Random seed; the same seed gives the same line.", default=0)
+    n_frames: int = restart("Stop after this many frames; 0 = run forever.", default=0, ge=0)
+
+
+class ReplaySource(Strict):
+    kind: Literal["replay"] = "replay"
+    camera: str = restart("Camera name reported in results.", default="replay0")
+    path: Path = restart("Folder of images: flat, MVTec-style test/<kind>/ with ground_truth/<kind>/, "
+                         "or the shared data layouts (<item>/PartK.jpg, <kind>/<name>.jpg).")
+    fps: float = restart("Frames per second; 0 = as fast as possible.", default=0.0, ge=0)
+    loop: bool = restart("Start again at the end of the folder.", default=False)
+    width: int = restart("Resize every image to this width (0 = keep the first image's size).",
+                         default=0, ge=0, le=8192)
+    height: int = restart("Resize every image to this height (0 = keep the first image's size).",
+                          default=0, ge=0, le=8192)
+    channels: Literal[1, 3] = restart("1 = mono, 3 = RGB.", default=3)
+    shuffle_seed: int | None = restart("Shuffle the files once with this seed; None keeps sorted order.",
+                                       default=None)
+
+
+class GenicamSource(Strict):
+    kind: Literal["genicam"] = "genicam"
+    camera: str = restart("Camera name reported in results.", default="cam0")
+    cti: Path = restart("Path to the GenTL producer (.cti file).")
+    device_index: int = restart("Which device of the producer to open when no serial is given.",
+                                default=0, ge=0)
+    serial: str | None = restart("Open the device with this serial number.", default=None)
+    nodes: dict[str, str | int | float | bool] = restart(
+        "GenICam feature nodes to set at start, in order (Width, Height, PixelFormat, ExposureTime, "
+        "TriggerMode, AcquisitionFrameRate, ...). A node the camera lacks is a startup error.",
+        default_factory=dict)
+    buffer_count: int = restart("Number of GenTL buffers announced to the producer.", default=8, ge=1, le=256)
+    fetch_timeout_s: float = restart("How long to wait for one buffer before checking the camera.",
+                                     default=1.0, gt=0)
+    software_trigger_fps: float = restart(
+        "If > 0, fire TriggerSoftware at this rate (for cameras in trigger mode without a PLC).",
+        default=0.0, ge=0)
+    reopen_backoff_s: tuple[float, float] = restart(
+        "Backoff when the camera vanishes: first and longest wait between reopen tries.",
+        default=(0.5, 10.0))
+    line_value_node: str | None = restart(
+        "Chunk or node read with each frame for the `line` lot policy (e.g. ChunkLineStatusAll).",
+        default=None)
+    width: int = restart("Resize frames to this width (0 = keep the camera's size).", default=0, ge=0)
+    height: int = restart("Resize frames to this height (0 = keep the camera's size).", default=0, ge=0)
+    channels: Literal[1, 3] = restart("1 = mono, 3 = RGB (mono is replicated).", default=3)
+
+
+SourceConfig = Annotated[Union[SyntheticSource, ReplaySource, GenicamSource], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------ ring
+class RingConfig(Strict):
+    slots: int = restart("Preallocated frame slots.", default=32, ge=2, le=4096)
+    policy: Literal["block", "drop_oldest", "drop_newest"] = restart(
+        "When the ring is full: block = the source waits (camera buffers absorb it, then the camera "
+        "drops); drop_oldest = the oldest waiting frame is dropped (freshest frames win); drop_newest "
+        "= the new frame is dropped. Every drop is counted and published NOT_INSPECTED.",
+        default="drop_oldest")
+    block_timeout_s: float = restart("With policy=block, how long the source may wait for a free slot "
+                                     "before the frame is dropped.", default=1.0, gt=0)
+
+
+# ------------------------------------------------------------------------------------------ lots
+class LotsConfig(Strict):
+    policy: Literal["count", "idle", "control", "line"] = live(
+        "How lots open and close: count = every part_count frames; idle = a gap of idle_gap_s "
+        "without frames; control = only `lot start`/`lot end` on the control socket; line = the "
+        "GenICam line/chunk value changes. A control message always wins.", default="count")
+    part_count: int = live("Frames per lot for policy=count.", default=32, ge=1)
+    idle_gap_s: float = live("Gap that closes a lot for policy=idle (and a safety net for all "
+                             "policies when > 0).", default=0.0, ge=0)
+    recipe: str = live("Recipe / product name given to lots opened automatically.", default="default")
+    id_prefix: str = live("Prefix of automatically generated lot ids.", default="lot")
+
+
+# ---------------------------------------------------------------------------------------- engine
+class ZeroShotEngine(Strict):
+    kind: Literal["zeroshot"] = "zeroshot"
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = restart(
+        "Where the backbone runs. onnxruntime and tensorrt load an exported model from engines_dir.",
+        default="torch")
+    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu")
+    backbone: Literal["efficientnet_lite0"] = restart("Feature extractor (real ImageNet weights).",
+                                                      default="efficientnet_lite0")
+    input_size: int = restart("Shorter side the frame is resized to before feature extraction.",
+                              default=256, ge=64, le=2048)
+    tile: bool = restart("Keep aspect ratio: tall or wide frames are scored in square tiles.",
+                         default=True)
+    reference_frames: int = restart("How many other frames (this lot so far, then the previous lot) "
+                                    "each frame is compared with.", default=8, ge=1, le=256)
+    topk_fraction: float = restart("A patch's score is the mean of its smallest this-fraction of "
+                                   "per-reference nearest distances (robust to defective references).",
+                                   default=0.3, gt=0, le=1)
+    feature_dim: int = restart("Patch features are projected to this many dimensions (0 = keep all).",
+                               default=0, ge=0)
+    threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
+    engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
+
+
+EngineConfig = Annotated[Union[ZeroShotEngine], Field(discriminator="kind")]
+
+
+class InspectConfig(Strict):
+    batch_size: int = restart("Frames per engine call, at most.", default=4, ge=1, le=256)
+    batch_wait_ms: float = restart("Wait at most this long for a batch to fill.", default=5.0, ge=0)
+    deadline_ms: float = live("A frame not inspected this long after capture is published FAULT "
+                              "(deadline overrun); 0 disables.", default=1000.0, ge=0)
+
+
+class ThresholdConfig(Strict):
+    mode: Literal["fixed", "calibrated"] = live(
+        "fixed = use `value`; calibrated = median + k * MAD of recent image scores.", default="calibrated")
+    value: float = live("Image-score threshold for mode=fixed (also the pixel threshold).", default=1.0)
+    k_mad: float = live("Robust z for mode=calibrated.", default=4.0, gt=0)
+    window: int = live("How many recent image scores calibrate the threshold.", default=128, ge=8)
+    min_scores: int = live("Until this many scores are seen, the previous lot's threshold is used; "
+                           "with none, frames are NG only above `value`.", default=8, ge=1)
+    min_region_px: int = live("Regions smaller than this many pixels are ignored.", default=16, ge=0)
+
+
+# -------------------------------------------------------------------------------------- publish
+class PublishConfig(Strict):
+    endpoint: str = restart("ZeroMQ PUB endpoint to bind.", default="tcp://127.0.0.1:5556")
+    control_endpoint: str = restart("ZeroMQ REP endpoint for control commands.",
+                                    default="tcp://127.0.0.1:5557")
+    sndhwm: int = restart("PUB send high-water mark (messages); beyond it a slow subscriber loses "
+                          "messages, which it sees as seq gaps.", default=10000, ge=1)
+    heartbeat_s: float = live("Heartbeat period.", default=1.0, gt=0)
+    payload: Literal["none", "mask", "score_map"] = live("PNG payload attached to frame results.",
+                                                         default="mask")
+
+
+# ---------------------------------------------------------------------------------------- store
+class StoreConfig(Strict):
+    url: str = restart("SQLAlchemy URL: sqlite:///path.db (WAL) or postgresql+psycopg://host/db.",
+                       default="sqlite:///var/linewatch.db")
+    batch_size: int = live("Rows per insert batch, at most.", default=256, ge=1)
+    flush_interval_s: float = live("Write a partial batch after this long.", default=0.5, gt=0)
+    spool_dir: Path = restart("When the database is down, results wait here on disk.",
+                              default=Path("var/spool"))
+    spool_max_mb: float = restart("Cap of the on-disk spool; beyond it the oldest spool file is "
+                                  "dropped and counted.", default=512.0, gt=0)
+    retry_s: float = live("How often to retry a database that is down.", default=2.0, gt=0)
+
+
+class MetricsConfig(Strict):
+    port: int = restart("Prometheus metrics port; 0 disables.", default=9108, ge=0, le=65535)
+    host: str = restart("Address the metrics server binds.", default="127.0.0.1")
+
+
+class Config(Strict):
+    """The whole of config.toml."""
+
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="Daemon-wide settings.")
+    source: SourceConfig = Field(default_factory=SyntheticSource, description="Where frames come from.")
+    ring: RingConfig = Field(default_factory=RingConfig, description="The frame ring.")
+    lots: LotsConfig = Field(default_factory=LotsConfig, description="Lot grouping.")
+    engine: EngineConfig = Field(default_factory=ZeroShotEngine, description="Inspection engine.")
+    inspect: InspectConfig = Field(default_factory=InspectConfig, description="Batching and deadline.")
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig, description="OK/NG decision.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="ZeroMQ sockets.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="SQL history.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
+
+    @model_validator(mode="after")
+    def _distinct_endpoints(self) -> "Config":
+        if self.publish.endpoint == self.publish.control_endpoint:
+            raise ValueError("publish.endpoint and publish.control_endpoint must differ")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- loader
+class ConfigError(Exception):
+    """A config that cannot be used. ``lines`` holds one human-readable line per problem."""
+
+    def __init__(self, path: Path | str, lines: list[str]):
+        self.path = str(path)
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of a key path in TOML text (section header, then key)."""
+    keys = [str(k) for k in loc if not isinstance(k, int)]
+    if not keys:
+        return None
+    lines = text.splitlines()
+    start = 0
+    if len(keys) > 1:
+        header = re.compile(r"^\s*\[\s*" + re.escape(".".join(keys[:-1])) + r"\s*\]")
+        for i, ln in enumerate(lines):
+            if header.match(ln):
+                start = i
+                break
+        else:
+            # the section itself may be the problem
+            header = re.compile(r"^\s*\[\s*" + re.escape(keys[0]) + r"[\].]")
+            for i, ln in enumerate(lines):
+                if header.match(ln):
+                    return i + 1
+            return None
+    key = re.compile(r"^\s*" + re.escape(keys[-1]) + r"\s*=")
+    for i in range(start, len(lines)):
+        if key.match(lines[i]):
+            return i + 1
+    return start + 1 if len(keys) > 1 else None
+
+
+def _format_errors(path: Path | str, text: str, exc: ValidationError, raw: dict[str, Any]) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # drop pydantic's discriminator tags ('synthetic', 'zeroshot') from the path
+        clean = tuple(k for k in loc if k not in ("synthetic", "replay", "genicam", "zeroshot"))
+        keypath = ".".join(str(k) for k in clean) or "(top level)"
+        line = _line_of(text, clean)
+        where = f"{path}:{line}" if line else f"{path}"
+        value = err.get("input")
+        if err["type"] == "missing":
+            out.append(f"{where}: {keypath}: required key is missing")
+            continue
+        if err["type"] == "extra_forbidden":
+            out.append(f"{where}: {keypath} = {value!r}: unknown key (not part of linewatch's config)")
+            continue
+        shown = value if not isinstance(value, dict) else "{...}"
+        out.append(f"{where}: {keypath} = {shown!r}: {err['msg']}")
+    return out
+
+
+def parse(text: str, path: Path | str = "<string>") -> Config:
+    """Validate TOML text; raises ConfigError listing every problem, one per line."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"{path}: not valid TOML: {exc}"]) from None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(path, _format_errors(path, text, exc, raw)) from None
+    problems = check_paths(cfg, path, text)
+    if problems:
+        raise ConfigError(path, problems)
+    return cfg
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate a config file; raises ConfigError (never a traceback for bad input)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(p, [f"{p}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(p, [f"{p}: cannot read config: {exc}"]) from None
+    return parse(text, p)
+
+
+def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:
+    """Checks that need the file system: the cti file exists, the replay folder exists."""
+    problems = []
+    src = cfg.source
+    if isinstance(src, GenicamSource) and not src.cti.is_file():
+        ln = _line_of(text, ("source", "cti"))
+        problems.append(f"{path}:{ln or '?'}: source.cti = '{src.cti}': GenTL producer file not found")
+    if isinstance(src, ReplaySource) and not src.path.is_dir():
+        ln = _line_of(text, ("source", "path"))
+        problems.append(f"{path}:{ln or '?'}: source.path = '{src.path}': replay folder not found")
+    return problems
+
+
+def live_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, bool]:
+    """Map of dotted key path -> live flag for every leaf field (used by reload and the docs)."""
+    out: dict[str, bool] = {}
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is not None:
+            out.update(live_fields(sub, key + "."))
+        else:
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            out[key] = bool(extra.get("live", False))
+    return out
+
+
+def diff(old: Config, new: Config) -> dict[str, list[str]]:
+    """Which top-level sections changed and which dotted keys in each."""
+    changed: dict[str, list[str]] = {}
+    a, b = old.model_dump(), new.model_dump()
+    for section in a:
+        if a[section] != b[section]:
+            keys = sorted(k for k in set(a[section]) | set(b[section])
+                          if a[section].get(k) != b[section].get(k))
+            changed[section] = keys
+    return changed
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config (defaults filled in) as TOML, for `check-config --print`."""
+    lines: list[str] = []
+    data = cfg.model_dump(mode="json")
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        tables = []
+        for k, v in values.items():
+            if isinstance(v, dict):
+                tables.append((k, v))
+            elif v is None:
+                lines.append(f"# {k} is not set")
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in tables:
+            lines.append(f"[{section}.{k}]")
+            for kk, vv in v.items():
+                lines.append(f"{kk} = {_toml_value(vv)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")

@@ -1,0 +1,33 @@
+"""The engine protocol: what the inspector calls, whatever model or runtime is behind it."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..frames import EngineOutput, FrameMeta
+
+
+class Engine(Protocol):
+    """A tier-1 inspection engine.
+
+    ``infer`` takes a batch of frames (uint8 HxWxC views into the ring: read them, do not keep
+    them) with their metadata (``meta.lot_id`` tells lot-aware engines which lot a frame is in)
+    and returns one EngineOutput per frame, in order, with ``score_map`` in the frame's pixel
+    grid. It raises on failure; the inspector turns that into FAULT results.
+
+    ``lot_closed`` is called when a lot ends, after its last frame went through ``infer``; a
+    lot-aware engine returns tier-2 (whole-lot) outputs keyed by frame id, or {}.
+    """
+
+    name: str
+    version: str
+
+    def warmup(self, height: int, width: int, channels: int) -> None: ...
+
+    def infer(self, images: Sequence[np.ndarray], metas: Sequence[FrameMeta]) -> list[EngineOutput]: ...
+
+    def lot_closed(self, lot_id: str) -> dict[int, EngineOutput]: ...
+
+    def close(self) -> None: ...
