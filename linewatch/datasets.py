@@ -1,0 +1,163 @@
+"""Image folder layouts with ground truth: listing samples and grouping them into lots.
+
+Layouts understood (detected automatically):
+- ``kolektor``: ``<item>/PartK.jpg`` + ``<item>/PartK_mask.png`` (one item = one lot)
+- ``kinds``: ``<kind>/<name>.jpg`` + ``<kind>/<name>_mask.png``; kind ``free`` / ``good`` is
+  defect-free (magnetic_tile)
+- ``mvtec``: ``<category>/test/<kind>/<name>.png`` + ``<category>/ground_truth/<kind>/<name>_mask.png``
+  (or the same rooted at one category); kind ``good`` is defect-free
+- ``flat``: images in one folder, no ground truth
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+GOOD_KINDS = {"free", "good", "ok", "normal"}
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image with its ground truth. ``mask`` is None for a defect-free image or no GT."""
+
+    image: Path
+    mask: Path | None
+    kind: str  # defect kind, or "good"
+    group: str  # natural group (kolektor item, mvtec category, kinds-layout root)
+    has_gt: bool  # whether ground truth is known at all (False for the flat layout)
+
+    @property
+    def defective(self) -> bool:
+        return self.kind != "good"
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXT and not p.stem.endswith("_mask")
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def detect_layout(root: Path) -> str:
+    root = Path(root)
+    subdirs = [d for d in root.iterdir() if d.is_dir()]
+    if (root / "test").is_dir() or any((d / "test").is_dir() for d in subdirs):
+        return "mvtec"
+    if subdirs and any(re.fullmatch(r"Part\d+", p.stem) for d in subdirs[:3] for p in d.iterdir()):
+        return "kolektor"
+    if subdirs and any(_is_image(p) for d in subdirs for p in d.iterdir()):
+        return "kinds"
+    return "flat"
+
+
+def list_samples(root: Path | str, layout: str = "auto") -> list[Sample]:
+    """Every image under ``root`` with its mask, in a stable (natural-sorted) order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    layout = detect_layout(root) if layout == "auto" else layout
+    out: list[Sample] = []
+    if layout == "kolektor":
+        for item in sorted((d for d in root.iterdir() if d.is_dir()), key=_natural_key):
+            for img in sorted(filter(_is_image, item.iterdir()), key=_natural_key):
+                m = img.with_name(img.stem + "_mask.png")
+                defective = m.exists() and _mask_nonzero(m)
+                out.append(Sample(img, m if defective else None, "defect" if defective else "good",
+                                  item.name, True))
+    elif layout == "kinds":
+        for kd in sorted((d for d in root.iterdir() if d.is_dir()), key=_natural_key):
+            good = kd.name.lower() in GOOD_KINDS
+            for img in sorted(filter(_is_image, kd.iterdir()), key=_natural_key):
+                m = img.with_name(img.stem + "_mask.png")
+                has_mask = m.exists() and not good
+                out.append(Sample(img, m if has_mask else None, "good" if good else kd.name,
+                                  root.name, True))
+    elif layout == "mvtec":
+        cats = [root] if (root / "test").is_dir() else sorted(d for d in root.iterdir() if (d / "test").is_dir())
+        for cat in cats:
+            for kd in sorted((d for d in (cat / "test").iterdir() if d.is_dir()), key=_natural_key):
+                good = kd.name.lower() in GOOD_KINDS
+                for img in sorted(filter(_is_image, kd.iterdir()), key=_natural_key):
+                    m = cat / "ground_truth" / kd.name / (img.stem + "_mask.png")
+                    out.append(Sample(img, m if (not good and m.exists()) else None,
+                                      "good" if good else kd.name, cat.name, True))
+    elif layout == "flat":
+        for img in sorted(filter(_is_image, root.iterdir()), key=_natural_key):
+            out.append(Sample(img, None, "good", root.name, False))
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    if not out:
+        raise FileNotFoundError(f"no images found under {root} (layout {layout})")
+    return out
+
+
+def _mask_nonzero(path: Path) -> bool:
+    with Image.open(path) as im:
+        return bool(np.asarray(im.convert("L")).any())
+
+
+def group_lots(samples: list[Sample], mode: str = "group", lot_size: int = 32,
+               shuffle_seed: int | None = None) -> list[list[Sample]]:
+    """Split samples into lots: ``group`` = one lot per natural group (a kolektor item),
+    ``size`` = consecutive lots of ``lot_size`` after an optional fixed shuffle."""
+    items = list(samples)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(items)
+    if mode == "group":
+        lots: dict[str, list[Sample]] = {}
+        for s in items:
+            lots.setdefault(s.group, []).append(s)
+        return list(lots.values())
+    if mode == "size":
+        return [items[i:i + lot_size] for i in range(0, len(items), lot_size)]
+    raise ValueError(f"unknown lot mode {mode!r}")
+
+
+def magnetic_tile_lots(samples: list[Sample], lot_size: int = 32, defect_fraction: float = 0.1,
+                       seed: int = 0) -> list[list[Sample]]:
+    """Lots of ``lot_size`` with about ``defect_fraction`` defective images, in a fixed shuffled
+    order (the evaluation protocol for the kinds layout, where most images are defect-free)."""
+    rng = random.Random(seed)
+    good = [s for s in samples if not s.defective]
+    bad = [s for s in samples if s.defective]
+    rng.shuffle(good)
+    rng.shuffle(bad)
+    n_bad = max(1, round(lot_size * defect_fraction))
+    n_good = lot_size - n_bad
+    lots = []
+    while len(good) >= n_good and len(bad) >= n_bad:
+        lot = [good.pop() for _ in range(n_good)] + [bad.pop() for _ in range(n_bad)]
+        rng.shuffle(lot)
+        lots.append(lot)
+    return lots
+
+
+def load_image(path: Path, channels: int = 3) -> np.ndarray:
+    """Read an image as uint8 HxWxC. Raises ValueError for a corrupt or unreadable file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"cannot decode image {path}: {exc}") from None
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask as bool HxW (all False when ``path`` is None)."""
+    if path is None:
+        return np.zeros(shape, dtype=bool)
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L")) > 127
+    if m.shape != shape:
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((shape[1], shape[0]),
+                                                                         Image.NEAREST)) > 127
+    return m
