@@ -18,7 +18,10 @@ class Engine(Protocol):
     grid. It raises on failure; the inspector turns that into FAULT results.
 
     ``lot_closed`` is called when a lot ends, after its last frame went through ``infer``; a
-    lot-aware engine returns tier-2 (whole-lot) outputs keyed by frame id, or {}.
+    lot-aware engine returns tier-2 (whole-lot) outputs keyed by frame id, or {}. The daemon
+    calls it from its lot-closer thread WHILE ``infer`` keeps running on the inspector thread
+    for the next lot, so an engine must make the two safe together (e.g. take the closed lot's
+    features out under a lock at the start, then compute without holding it).
     """
 
     name: str
