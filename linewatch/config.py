@@ -189,13 +189,13 @@ class PublishConfig(Strict):
 class StoreConfig(Strict):
     url: str = restart("SQLAlchemy URL: sqlite:///path.db (WAL) or postgresql+psycopg://host/db.",
                        default="sqlite:///var/linewatch.db")
-    batch_size: int = live("Rows per insert batch, at most.", default=256, ge=1)
-    flush_interval_s: float = live("Write a partial batch after this long.", default=0.5, gt=0)
+    batch_size: int = restart("Rows per insert batch, at most.", default=256, ge=1)
+    flush_interval_s: float = restart("Write a partial batch after this long.", default=0.5, gt=0)
     spool_dir: Path = restart("When the database is down, results wait here on disk.",
                               default=Path("var/spool"))
     spool_max_mb: float = restart("Cap of the on-disk spool; beyond it the oldest spool file is "
                                   "dropped and counted.", default=512.0, gt=0)
-    retry_s: float = live("How often to retry a database that is down.", default=2.0, gt=0)
+    retry_s: float = restart("How often to retry a database that is down.", default=2.0, gt=0)
 
 
 class MetricsConfig(Strict):

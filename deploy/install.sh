@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install linewatch as a systemd service on an edge box (run as root from the repository).
+# GPU boxes: set EXTRAS=gpu,postgres to add TensorRT and pycuda.
+set -euo pipefail
+EXTRAS=${EXTRAS:-postgres}
+PREFIX=/opt/linewatch
+id linewatch >/dev/null 2>&1 || useradd --system --home /var/lib/linewatch --shell /usr/sbin/nologin linewatch
+install -d -o linewatch -g linewatch /var/lib/linewatch
+install -d /etc/linewatch
+mkdir -p "$PREFIX" && cp -r . "$PREFIX/src"
+python3 -m venv "$PREFIX/.venv"
+"$PREFIX/.venv/bin/pip" install -q --upgrade pip
+"$PREFIX/.venv/bin/pip" install -q "torch==2.13.0"
+"$PREFIX/.venv/bin/pip" install -q "$PREFIX/src[$EXTRAS]"
+[ -f /etc/linewatch/config.toml ] || install -m 0644 config.toml /etc/linewatch/config.toml
+"$PREFIX/.venv/bin/linewatch" check-config /etc/linewatch/config.toml
+install -m 0644 deploy/linewatch.service /etc/systemd/system/linewatch.service
+systemctl daemon-reload
+echo "installed; edit /etc/linewatch/config.toml, then: systemctl enable --now linewatch"

@@ -1,0 +1,547 @@
+"""The daemon: stage wiring, lifecycle, signals, reload and shutdown order.
+
+Stages and their threads: ``acquire`` (source -> lots -> ring), ``inspector`` (tier 1),
+``lot-closer`` (tier 2), ``publisher`` (owns the PUB socket), ``control`` (owns the REP socket),
+``store-writer`` (owns the database connection), and the main thread, which turns signals
+(written to a self-pipe by the handlers) into reload / stop and pings the systemd watchdog only
+while every stage's heartbeat is fresh.
+
+Start order: store, sockets, source (opened, fails fast), engine warm-up, threads; READY once a
+frame went through. Stop order: source, close the open lot, drain the ring through the
+inspector (up to ``drain_timeout_s``; what is left is published NOT_INSPECTED), tier 2,
+publisher, store (flushed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import __version__
+from . import config as cfgmod
+from .acquire import SourceUnavailable, create_source
+from .acquire.base import Source, SourceError
+from .config import Config, ConfigError
+from .control import ControlServer
+from .engines import EngineUnavailable, create_engine
+from .engines.base import Engine
+from .frames import FrameMeta, LotEvent, LotEventKind, Result, Verdict
+from .inspector import Inspector, LotCloser, LotLedger, model_info
+from .lots import LotTracker
+from .publish import EndpointError, Publisher, frame_header, lot_header
+from .ring import FrameRing, RingClosed
+from .store import StoreError, StoreWriter
+from .systemd import Notifier, watchdog_period_s
+from .telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+MAX_GAP_FILL = 10_000  # frame-id gaps larger than this are counted but not itemised
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is one line for the line engineer."""
+
+
+class Dispatcher:
+    """Fans every result and lot event out to the publisher, the store and the counters."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+        self.ledger = LotLedger()
+        self.lock = threading.Lock()
+        self.verdicts: dict[str, int] = {v.value: 0 for v in Verdict}
+        self.tier2_results = 0
+
+    def result(self, r: Result) -> None:
+        d = self.d
+        now = time.time()
+        with self.lock:
+            self.verdicts[r.verdict.value] += 1
+        d.telemetry.results.labels(r.verdict.value).inc()
+        if r.verdict is Verdict.NOT_INSPECTED:
+            d.telemetry.drops.labels(r.reason.split(":")[0]).inc()
+        d.telemetry.latency.observe(max(0.0, now - r.frame.t_capture))
+        self.ledger.count(r.frame.lot_id, r.verdict)
+        if r.verdict in (Verdict.OK, Verdict.NG) or r.reason == "threshold calibrating":
+            self.ledger.add(r.frame)
+        payload = None
+        mode = d.cfg.publish.payload
+        if r.verdict in (Verdict.OK, Verdict.NG):
+            payload = r.mask if mode == "mask" else r.score_map if mode == "score_map" else None
+        d.publisher.send("frame", frame_header(r, d.cfg.daemon.line), payload)
+        if r.verdict is Verdict.FAULT:
+            d.publisher.send("fault", {"kind": "fault", "line": d.cfg.daemon.line, "camera": r.frame.camera,
+                                       "frame_id": r.frame.frame_id, "lot_id": r.frame.lot_id,
+                                       "reason": r.reason})
+        d.store.submit_result(r, now)
+
+    def lot_event(self, ev: LotEvent) -> None:
+        """Called by the inspector, in order with the frames."""
+        d = self.d
+        d.telemetry.lots.labels(ev.kind.value).inc()
+        if ev.kind is LotEventKind.OPENED:
+            d.publisher.send("lot", lot_header(ev, d.cfg.daemon.line))
+            d.store.submit_lot_event(ev)
+        else:
+            d.closer.submit(ev)
+
+    def lot_closed(self, ev: LotEvent, refined: list[Result], summary: dict[str, Any]) -> None:
+        """Called by the lot closer with tier-2 results (possibly none)."""
+        d = self.d
+        now = time.time()
+        d.publisher.send("lot", lot_header(ev, d.cfg.daemon.line, refined, summary))
+        for r in refined:
+            d.store.submit_result(r, now)
+        with self.lock:
+            self.tier2_results += len(refined)
+        d.store.submit_lot_event(ev, {k: v for k, v in summary.items() if isinstance(v, int)})
+
+
+class Daemon:
+    """One running linewatch. ``run()`` blocks until stopped and returns the exit code."""
+
+    def __init__(self, cfg: Config, config_path: Path | None = None, exit_at_source_end: bool = False,
+                 install_signals: bool = True):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.exit_at_source_end = exit_at_source_end
+        self.install_signals = install_signals and threading.current_thread() is threading.main_thread()
+        self.telemetry = Telemetry()
+        self.notifier = Notifier()
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+        self.started_at = time.time()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._pending: list[str] = []
+        self._acq_stop = threading.Event()
+        self._source_ended = threading.Event()
+        self.dispatch = Dispatcher(self)
+        self.camera_lost = 0
+        self.last_frame_id: int | None = None
+        self.reloads = {"ok": 0, "failed": 0}
+        self.last_reload_error = ""
+        self.acq_busy_s = 0.0
+
+    # ----------------------------------------------------------------- control
+    def request_stop(self) -> None:
+        self._wake("stop")
+
+    def request_reload(self) -> None:
+        self._wake("reload")
+
+    def _wake(self, what: str) -> None:
+        self._pending.append(what)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full, so the main loop is awake anyway
+
+    # ----------------------------------------------------------------- start-up
+    def _start(self) -> None:
+        cfg = self.cfg
+        logging.getLogger("linewatch").setLevel(cfg.daemon.log_level)
+        self.store = StoreWriter(cfg.store, cfg.daemon.line)
+        try:
+            self.store.start()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        self.ctx = zmq.Context()
+        try:
+            self.publisher = Publisher(self.ctx, cfg.publish.endpoint, cfg.daemon.line, cfg.publish.sndhwm,
+                                       cfg.publish.heartbeat_s, self.status_brief)
+            self.control = ControlServer(self.ctx, cfg.publish.control_endpoint, self._handlers())
+        except EndpointError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.telemetry.serve(cfg.metrics.host, cfg.metrics.port)
+        except OSError as exc:
+            raise StartupError(f"metrics.port = {cfg.metrics.port}: cannot serve metrics: {exc.strerror}") from None
+        self.source = self._open_source(cfg)
+        self.engine = self._make_engine(cfg, self.source)
+        self.store.register_model(self.engine.name, self.engine.version, "engine",
+                                  {"config": cfg.engine.model_dump(mode="json")})
+        self.ring = self._make_ring(cfg, self.source)
+        self.tracker = LotTracker(cfg.lots, self.ring.put_event)
+        self.inspector = Inspector(self.ring, self.engine, cfg.inspect, cfg.threshold,
+                                   self.dispatch.result, self.dispatch.lot_event)
+        self.closer = LotCloser(lambda: self.inspector.engine, cfg.threshold, self.dispatch.ledger,
+                                self.dispatch.lot_closed)
+        self.publisher.start()
+        self.control.start()
+        self.closer.start()
+        self.inspector.start()
+        self._start_acquisition()
+
+    def _open_source(self, cfg: Config) -> Source:
+        try:
+            src = create_source(cfg.source)
+            src.open()
+        except (SourceUnavailable, SourceError) as exc:
+            raise StartupError(f"source ({cfg.source.kind}): {exc}") from None
+        self.telemetry.source_connected.set(1)
+        return src
+
+    def _make_engine(self, cfg: Config, src: Source) -> Engine:
+        try:
+            engine = create_engine(cfg.engine)
+            engine.warmup(src.height, src.width, src.channels)
+        except (EngineUnavailable, FileNotFoundError) as exc:
+            raise StartupError(f"engine ({cfg.engine.kind}): {exc}") from None
+        logger.info("engine %s %s warmed up for %dx%dx%d", engine.name, engine.version, src.width,
+                    src.height, src.channels)
+        return engine
+
+    def _make_ring(self, cfg: Config, src: Source) -> FrameRing:
+        return FrameRing(cfg.ring.slots, src.height, src.width, src.channels, cfg.ring.policy,
+                         cfg.ring.block_timeout_s, on_drop=self._on_drop)
+
+    def _on_drop(self, meta: FrameMeta, cause: str) -> None:
+        self.dispatch.result(Result(meta, Verdict.NOT_INSPECTED, None, [], model_info(self.inspector.engine)
+                                    if hasattr(self, "inspector") else {}, reason=f"{cause}: dropped",
+                                    t_inspected=time.time()))
+
+    # ----------------------------------------------------------------- acquisition
+    def _start_acquisition(self) -> None:
+        self._acq_stop = threading.Event()
+        self._acq_thread = threading.Thread(target=self._acquire, args=(self.source, self.ring, self._acq_stop),
+                                            name="acquire", daemon=True)
+        self.t_acq_heartbeat = time.monotonic()
+        self._acq_thread.start()
+
+    def _acquire(self, src: Source, ring: FrameRing, stop: threading.Event) -> None:
+        try:
+            for sf in src.frames(stop):
+                t0 = time.perf_counter()
+                self.t_acq_heartbeat = time.monotonic()
+                self.telemetry.frames_in.inc()
+                meta = sf.meta
+                self._fill_gap(meta)
+                self.tracker.assign(meta)
+                try:
+                    ring.put(sf.image, meta, sf.gt)
+                except ValueError as exc:  # a frame of the wrong size: FAULT, not a crash
+                    self.dispatch.result(Result(meta, Verdict.FAULT, None, [], self.inspector.model,
+                                                reason=f"source: {exc}", t_inspected=time.time()))
+                self.acq_busy_s += time.perf_counter() - t0
+                if stop.is_set():
+                    break
+        except RingClosed:
+            return
+        except (SourceError, OSError) as exc:
+            logger.error("source stopped: %s", exc)
+            self.telemetry.source_connected.set(0)
+        if not stop.is_set():
+            logger.info("source ended")
+            self._source_ended.set()
+            self.tracker.end("source_end")
+            if self.exit_at_source_end:
+                self._wake("source_end")
+
+    def _fill_gap(self, meta: FrameMeta) -> None:
+        """Frame ids that never arrived are camera-side loss: each gets NOT_INSPECTED."""
+        last = self.last_frame_id
+        self.last_frame_id = meta.frame_id if last is None else max(last, meta.frame_id)
+        if last is None or meta.frame_id <= last + 1:
+            return
+        missing = meta.frame_id - last - 1
+        self.camera_lost += missing
+        self.telemetry.camera_loss.inc(missing)
+        logger.warning("camera %s: %d frame(s) lost before id %d", meta.camera, missing, meta.frame_id)
+        for fid in range(last + 1, last + 1 + min(missing, MAX_GAP_FILL)):
+            lost = FrameMeta(fid, meta.t_capture, meta.camera, meta.height, meta.width)
+            self.tracker.assign(lost)
+            self.dispatch.result(Result(lost, Verdict.NOT_INSPECTED, None, [], self.inspector.model,
+                                        reason="camera_loss: frame id never arrived", t_inspected=time.time()))
+
+    def _stop_acquisition(self, timeout_s: float = 5.0) -> None:
+        self._acq_stop.set()
+        self._acq_thread.join(timeout_s)
+        try:
+            self.source.close()
+        except (SourceError, OSError) as exc:
+            logger.warning("closing the source: %s", exc)
+
+    # ----------------------------------------------------------------- status
+    def status_brief(self) -> dict[str, Any]:
+        d = self.dispatch
+        ring = getattr(self, "ring", None)
+        return {
+            "version": __version__, "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": self.ready.is_set(),
+            "frames_in": ring.frames_in if ring else 0, "verdicts": dict(d.verdicts),
+            "drops": dict(ring.drops) if ring else {}, "camera_lost": self.camera_lost,
+            "ring_depth": ring.depth() if ring else 0,
+            "lot": self.tracker.current.lot_id if getattr(self, "tracker", None) and self.tracker.current else None,
+            "publisher_dropped": self.publisher.dropped if hasattr(self, "publisher") else 0,
+        }
+
+    def status(self) -> dict[str, Any]:
+        s = self.status_brief()
+        src = self.source.status
+        s.update({
+            "line": self.cfg.daemon.line, "source": {"kind": self.cfg.source.kind, "connected": src.connected,
+                                                     "reopen_count": src.reopen_count, "last_error": src.last_error,
+                                                     "corrupt_frames": src.corrupt_frames,
+                                                     "ended": self._source_ended.is_set()},
+            "engine": model_info(self.inspector.engine), "tier2_results": self.dispatch.tier2_results,
+            "tier2_skipped": self.closer.skipped, "store": self.store.counters(),
+            "reloads": self.reloads, "last_reload_error": self.last_reload_error,
+            "stages": {k: round(v, 2) for k, v in self._stage_ages().items()},
+        })
+        return s
+
+    def _stage_ages(self) -> dict[str, float]:
+        now = time.monotonic()
+        ages = {"inspector": now - self.inspector.t_heartbeat, "lot-closer": now - self.closer.t_heartbeat,
+                "publisher": now - self.publisher.t_heartbeat, "control": now - self.control.t_heartbeat,
+                "store-writer": now - self.store.t_heartbeat}
+        if not self._source_ended.is_set() and self.source.status.connected:
+            ages["acquire"] = now - self.t_acq_heartbeat
+        return ages
+
+    def _handlers(self) -> dict[str, Any]:
+        def lot_start(args: list[str]) -> dict[str, Any]:
+            if not args:
+                raise ValueError("usage: lot start <lot_id> [recipe]")
+            return {"lot_id": self.tracker.start(args[0], args[1] if len(args) > 1 else None)}
+
+        def lot_end(args: list[str]) -> dict[str, Any]:
+            return {"closed": self.tracker.end()}
+
+        def reload(args: list[str]) -> dict[str, Any]:
+            done = threading.Event()
+            result: dict[str, Any] = {}
+            self._reload_reply = (done, result)
+            self.request_reload()
+            if not done.wait(60):
+                raise RuntimeError("reload did not finish within 60 s")
+            if result.get("errors"):
+                raise ValueError("reload refused, nothing changed: " + " | ".join(result["errors"]))
+            return result
+
+        return {"lot start": lot_start, "lot end": lot_end, "status": lambda a: self.status(),
+                "reload": reload, "ping": lambda a: {"pong": True}}
+
+    # ----------------------------------------------------------------- reload
+    def _reload(self) -> dict[str, Any]:
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError("<none>", ["the daemon was started without a config file; nothing to reload"])
+            new = cfgmod.load(self.config_path)
+        except ConfigError as exc:
+            self.reloads["failed"] += 1
+            self.last_reload_error = " | ".join(exc.lines)
+            for line in exc.lines:
+                logger.error("reload refused: %s", line)
+            self.notifier.ready(status="reload refused; running on the previous config")
+            return {"errors": exc.lines}
+        changed = cfgmod.diff(self.cfg, new)
+        applied, restarted, needs_restart = [], [], []
+        try:
+            if "source" in changed or "ring" in changed:
+                self._restart_source(new)
+                restarted.append("source")
+            if "engine" in changed:
+                engine = self._make_engine(new, self.source)
+                self.inspector.swap_engine(engine)
+                self.store.register_model(engine.name, engine.version, "engine",
+                                          {"config": new.engine.model_dump(mode="json")})
+                restarted.append("engine")
+        except StartupError as exc:
+            self.reloads["failed"] += 1
+            self.last_reload_error = str(exc)
+            logger.error("reload failed while restarting a stage: %s", exc)
+            self.notifier.ready(status="reload failed")
+            return {"errors": [str(exc)]}
+        for section in ("daemon", "publish", "store", "metrics"):
+            restart_keys = [k for k in changed.get(section, [])
+                            if not cfgmod.live_fields().get(f"{section}.{k}", False)]
+            needs_restart += [f"{section}.{k}" for k in restart_keys]
+        update = {}
+        for section in ("daemon", "publish", "store", "metrics"):
+            keys = [k.split(".", 1)[1] for k in needs_restart if k.startswith(section + ".")]
+            if keys:
+                old_sec = getattr(self.cfg, section)
+                update[section] = getattr(new, section).model_copy(
+                    update={k: getattr(old_sec, k) for k in keys})
+        merged = new.model_copy(update=update)
+        self.cfg = merged
+        self.tracker.reconfigure(merged.lots)
+        self.inspector.reconfigure(merged.inspect, merged.threshold)
+        self.closer.reconfigure(merged.threshold)
+        self.publisher.heartbeat_s = merged.publish.heartbeat_s
+        logging.getLogger("linewatch").setLevel(merged.daemon.log_level)
+        applied = [f"{s}.{k}" for s, ks in changed.items() for k in ks
+                   if f"{s}.{k}" not in needs_restart and s not in ("source", "ring", "engine")]
+        self.reloads["ok"] += 1
+        self.last_reload_error = ""
+        if needs_restart:
+            logger.warning("reload: these keys need a daemon restart and keep their old values: %s",
+                           ", ".join(needs_restart))
+        logger.info("reload applied: live %s, restarted %s", applied or "-", restarted or "-")
+        self.notifier.ready(status="running")
+        return {"applied": applied, "restarted": restarted, "needs_daemon_restart": needs_restart}
+
+    def _restart_source(self, new: Config) -> None:
+        """Stop acquisition, open the new source, and give the inspector a new ring if the frame
+        shape changed (after the old ring is drained)."""
+        self._stop_acquisition()
+        try:
+            src = self._open_source(new)
+        except StartupError:
+            logger.error("new source failed to open; reopening the previous one")
+            self.source = self._open_source(self.cfg)
+            self._start_acquisition()
+            raise
+        self.source = src
+        self._source_ended.clear()
+        if (src.height, src.width, src.channels) != self.ring.shape or new.ring != self.cfg.ring:
+            deadline = time.monotonic() + new.daemon.drain_timeout_s
+            while self.ring.depth() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for item in self.ring.drain_pending():
+                self._not_inspected_left(item, "source restart")
+            ring = self._make_ring(new, src)
+            self.tracker._emit = ring.put_event
+            self.inspector.ring = ring
+            self.ring = ring
+            if self.inspector.engine is not None:
+                self.inspector.engine.warmup(src.height, src.width, src.channels)
+        self._start_acquisition()
+
+    def _not_inspected_left(self, item: FrameMeta | LotEvent, why: str) -> None:
+        if isinstance(item, LotEvent):
+            self.dispatch.lot_event(item)
+        else:
+            self.dispatch.result(Result(item, Verdict.NOT_INSPECTED, None, [], self.inspector.model,
+                                        reason=f"{why}: not inspected in time", t_inspected=time.time()))
+
+    # ----------------------------------------------------------------- main loop
+    def run(self) -> int:
+        """Start, serve until a stop request, shut down in order. Returns the exit code."""
+        try:
+            self._start()
+        except StartupError as exc:
+            logger.error("%s", exc)
+            self._teardown_partial()
+            self.stopped.set()
+            raise
+        old_handlers = self._install_signals()
+        try:
+            self._serve()
+        finally:
+            self._restore_signals(old_handlers)
+            self._shutdown()
+            self.stopped.set()
+        return 0
+
+    def _serve(self) -> None:
+        wd = watchdog_period_s()
+        next_wd = time.monotonic()
+        while True:
+            if not self.ready.is_set() and (self.ring.frames_in > 0 or sum(self.ring.drops.values()) > 0):
+                self.ready.set()
+                self.notifier.ready(status="running")
+                logger.info("ready: first frame received, engine warm; publishing on %s, control on %s",
+                            self.publisher.endpoint, self.control.endpoint)
+            r, _, _ = select.select([self._wake_r], [], [], 0.25)
+            if r:
+                os.read(self._wake_r, 4096)
+            while self._pending:
+                what = self._pending.pop(0)
+                if what in ("stop", "source_end"):
+                    logger.info("stopping (%s)", what)
+                    return
+                if what == "reload":
+                    result = self._reload()
+                    reply = getattr(self, "_reload_reply", None)
+                    if reply is not None:
+                        reply[1].update(result)
+                        reply[0].set()
+                        self._reload_reply = None
+            self.tracker.tick()
+            self._update_gauges()
+            if wd is not None and time.monotonic() >= next_wd:
+                stale = {k: a for k, a in self._stage_ages().items() if a > self.cfg.daemon.stage_stale_s}
+                if stale:
+                    logger.error("watchdog withheld: stale stages %s", stale)
+                else:
+                    self.notifier.watchdog_ping()
+                next_wd = time.monotonic() + wd
+
+    def _update_gauges(self) -> None:
+        t = self.telemetry
+        t.queue_depth.labels("ring").set(self.ring.depth())
+        t.queue_depth.labels("publisher").set(self.publisher.depth())
+        c = self.store.counters()
+        t.queue_depth.labels("store").set(c.get("queue_depth", 0))
+        t.store_spooled.set(c.get("spooled_rows", 0) - c.get("replayed_rows", 0))
+        t.source_connected.set(1 if self.source.status.connected else 0)
+
+    def _install_signals(self) -> dict[int, Any]:
+        if not self.install_signals:
+            return {}
+        old = {}
+        for sig, what in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"), (signal.SIGHUP, "reload")):
+            old[sig] = signal.signal(sig, lambda s, f, w=what: self._wake(w))
+        return old
+
+    def _restore_signals(self, old: dict[int, Any]) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        drain_s = self.cfg.daemon.drain_timeout_s
+        self._stop_acquisition()
+        self.tracker.end("shutdown")
+        if not self.inspector.stop(drain_s):
+            logger.error("inspector did not drain within %.1f s", drain_s)
+        left = self.ring.drain_pending()
+        for item in left:
+            self._not_inspected_left(item, "shutdown")
+        self.ring.close()
+        if not self.closer.stop(max(drain_s, 5.0)):
+            logger.error("tier 2 did not finish within the drain time")
+        self.control.stop()
+        self.publisher.stop()
+        self.store.stop(timeout_s=30.0)
+        try:
+            self.inspector.engine.close()
+        except (RuntimeError, OSError) as exc:
+            logger.warning("closing the engine: %s", exc)
+        self.telemetry.close()
+        self.ctx.term()
+        self.notifier.close()
+        logger.info("stopped: %s", {k: v for k, v in self.dispatch.verdicts.items()})
+
+    def _teardown_partial(self) -> None:
+        """Undo a half-done start (bound sockets, open store) so the error is all that remains."""
+        for name in ("control", "publisher"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj._sock.close(linger=0)
+        src = getattr(self, "source", None)
+        if src is not None:
+            try:
+                src.close()
+            except (SourceError, OSError):
+                pass
+        store = getattr(self, "store", None)
+        if store is not None and getattr(store, "started", False):
+            store.stop(timeout_s=5.0)
+        self.telemetry.close()
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.term()

@@ -1,0 +1,72 @@
+"""Turning engine score maps into answers: the OK/NG threshold (fixed or calibrated), masks, regions."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from .config import ThresholdConfig
+from .frames import Region
+
+logger = logging.getLogger(__name__)
+
+
+def regions_from_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
+                      label: str = "anomaly") -> list[Region]:
+    """Connected components of ``mask`` (8-connected) of at least ``min_area_px`` pixels, each
+    with its bbox (x0, y0, x1, y1; exclusive upper bounds), area and max score, largest first."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, idx)
+    maxes = ndimage.maximum(score_map, labels, idx)
+    boxes = ndimage.find_objects(labels)
+    out = []
+    for i, (area, peak, sl) in enumerate(zip(areas, maxes, boxes)):
+        if area < min_area_px or sl is None:
+            continue
+        ys, xs = sl
+        out.append(Region((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)), int(area),
+                          float(peak), label))
+    out.sort(key=lambda r: r.area_px, reverse=True)
+    return out
+
+
+class Threshold:
+    """The OK/NG threshold on image scores (and on pixel scores for the mask).
+
+    ``fixed``: ``cfg.value``. ``calibrated``: median + k * 1.4826 * MAD of the last ``window``
+    image scores, which tolerates a few defective parts among them. Until ``min_scores`` scores
+    are seen, the last calibrated value is kept; with none at all, :meth:`current` is None and
+    the caller must not decide OK (it publishes NOT_INSPECTED: an uncalibrated OK would fail open).
+    """
+
+    def __init__(self, cfg: ThresholdConfig):
+        self.cfg = cfg
+        self._scores: collections.deque[float] = collections.deque(maxlen=cfg.window)
+        self._last: float | None = None
+
+    def reconfigure(self, cfg: ThresholdConfig) -> None:
+        self.cfg = cfg
+        self._scores = collections.deque(self._scores, maxlen=cfg.window)
+
+    def observe(self, score: float) -> None:
+        if math.isfinite(score):
+            self._scores.append(score)
+
+    def current(self) -> float | None:
+        cfg = self.cfg
+        if cfg.mode == "fixed":
+            return cfg.value
+        if len(self._scores) >= cfg.min_scores:
+            arr = np.fromiter(self._scores, dtype=np.float64)
+            med = float(np.median(arr))
+            mad = float(np.median(np.abs(arr - med))) * 1.4826
+            # a floor on the spread so a line of identical scores does not flag noise
+            self._last = med + cfg.k_mad * max(mad, 1e-6 + 0.02 * abs(med))
+        return self._last

@@ -1,0 +1,281 @@
+"""The inspector stage (tier 1) and the lot closer (tier 2).
+
+Inspector thread: takes frame handles from the ring in batches (up to ``batch_size`` or
+``batch_wait_ms``), runs the engine, turns each output into an answer, and releases the slots.
+Any engine exception, a wrong-sized answer, a non-finite score or a deadline overrun becomes a
+FAULT result for the frames concerned: nothing fails open.
+
+Lot closer thread: when a lot closes, asks the engine for whole-lot (tier 2) outputs and turns
+them into refined results, beside the inspector so tier 1 keeps its latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .config import InspectConfig, ThresholdConfig
+from .decision import Threshold, regions_from_mask
+from .engines.base import Engine
+from .frames import EngineOutput, FrameMeta, LotEvent, LotEventKind, Result, Verdict
+from .ring import FrameRing, Handle, StaleHandle
+
+logger = logging.getLogger(__name__)
+
+
+def model_info(engine: Engine) -> dict[str, str]:
+    return {"name": engine.name, "version": engine.version}
+
+
+def decide(out: EngineOutput, meta: FrameMeta, thr: Threshold, min_region_px: int,
+           model: dict[str, str], tier: int = 1, observe: bool = True) -> Result:
+    """One engine output -> one Result (OK / NG, or NOT_INSPECTED while uncalibrated, FAULT for
+    a non-finite score). Threshold-free engines (``out.mask`` set) decide by their regions."""
+    now = time.time()
+    score = float(out.image_score)
+    if not math.isfinite(score) or out.score_map.shape != (meta.height, meta.width):
+        why = ("engine returned a non-finite score" if not math.isfinite(score) else
+               f"engine returned a {out.score_map.shape} map for a {meta.height}x{meta.width} frame")
+        return Result(meta, Verdict.FAULT, None, [], model, reason=why, t_inspected=now, tier=tier)
+    if out.mask is not None:
+        regions = out.regions or regions_from_mask(out.mask, out.score_map, min_region_px)
+        verdict = Verdict.NG if regions else Verdict.OK
+        return Result(meta, verdict, score, regions, model, t_inspected=now, mask=out.mask,
+                      score_map=out.score_map, tier=tier)
+    t = thr.current()
+    if observe:
+        thr.observe(score)
+    if t is None:
+        return Result(meta, Verdict.NOT_INSPECTED, score, [], model, reason="threshold calibrating",
+                      t_inspected=now, score_map=out.score_map, tier=tier)
+    mask = out.score_map > t
+    regions = out.regions or (regions_from_mask(mask, out.score_map, min_region_px) if score > t else [])
+    verdict = Verdict.NG if (score > t and regions) else Verdict.OK
+    return Result(meta, verdict, score, regions, model, threshold=t, t_inspected=now, mask=mask,
+                  score_map=out.score_map, tier=tier)
+
+
+@dataclass
+class LotLedger:
+    """Frames inspected per open lot, so tier 2 can name them and the summary can count them."""
+
+    metas: dict[str, list[FrameMeta]] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, lot_id: str, verdict: Verdict) -> None:
+        with self.lock:
+            c = self.counts.setdefault(lot_id, {v.value: 0 for v in Verdict})
+            c[verdict.value] += 1
+
+    def add(self, meta: FrameMeta) -> None:
+        with self.lock:
+            self.metas.setdefault(meta.lot_id, []).append(meta)
+
+    def pop(self, lot_id: str) -> tuple[list[FrameMeta], dict[str, int]]:
+        with self.lock:
+            return (self.metas.pop(lot_id, []),
+                    self.counts.pop(lot_id, {v.value: 0 for v in Verdict}))
+
+
+class Inspector:
+    """Tier-1 stage. ``emit`` receives every Result; ``on_lot`` receives lot events in order."""
+
+    def __init__(self, ring: FrameRing, engine: Engine, cfg: InspectConfig, thr_cfg: ThresholdConfig,
+                 emit: Callable[[Result], None], on_lot: Callable[[LotEvent], None]):
+        self.ring = ring
+        self.engine = engine
+        self.cfg = cfg
+        self.thr_cfg = thr_cfg
+        self.threshold = Threshold(thr_cfg)
+        self.emit = emit
+        self.on_lot = on_lot
+        self.model = model_info(engine)
+        self.t_heartbeat = time.monotonic()
+        self.engine_s = 0.0  # time inside engine.infer
+        self.busy_s = 0.0  # time in the loop besides waiting, engine included
+        self.batches = 0
+        self.faults = 0
+        self.inspected = 0
+        self._stop = threading.Event()
+        self._swap: Engine | None = None
+        self._thread = threading.Thread(target=self._run, name="inspector", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def reconfigure(self, cfg: InspectConfig, thr_cfg: ThresholdConfig) -> None:
+        self.cfg, self.thr_cfg = cfg, thr_cfg
+        self.threshold.reconfigure(thr_cfg)
+
+    def swap_engine(self, engine: Engine) -> None:
+        """Use a new (warmed-up) engine from the next batch on (engine restart on reload)."""
+        self._swap = engine
+
+    def _run(self) -> None:
+        while True:
+            self.t_heartbeat = time.monotonic()
+            if self._swap is not None:
+                old, self.engine, self._swap = self.engine, self._swap, None
+                self.model = model_info(self.engine)
+                old.close()
+            items = self.ring.take(self.cfg.batch_size, timeout_s=0.2,
+                                   wait_fill_s=self.cfg.batch_wait_ms / 1000.0)
+            if not items:
+                if self._stop.is_set():
+                    return
+                continue
+            t0 = time.perf_counter()
+            if isinstance(items[0], LotEvent):
+                self.on_lot(items[0])
+            else:
+                self._inspect([h for h in items if isinstance(h, Handle)])
+            self.busy_s += time.perf_counter() - t0
+
+    def _fault(self, meta: FrameMeta, reason: str) -> None:
+        self.faults += 1
+        self.emit(Result(meta, Verdict.FAULT, None, [], self.model, reason=reason, t_inspected=time.time()))
+
+    def _inspect(self, handles: list[Handle]) -> None:
+        deadline_s = self.cfg.deadline_ms / 1000.0
+        now = time.time()
+        batch: list[tuple[Handle, np.ndarray, FrameMeta]] = []
+        for h in handles:
+            try:
+                img, meta, _gt = self.ring.view(h)
+            except StaleHandle:
+                continue  # reused by drop_oldest: its NOT_INSPECTED went out at the drop
+            fault = meta.extra.get("fault")
+            if fault:
+                self.ring.release(h)
+                self._fault(meta, f"source: {fault}")
+            elif deadline_s and now - meta.t_capture > deadline_s:
+                self.ring.release(h)
+                self._fault(meta, f"deadline overrun: waited {1000 * (now - meta.t_capture):.0f} ms "
+                                  f"before inspection (deadline {self.cfg.deadline_ms:.0f} ms)")
+            else:
+                batch.append((h, img, meta))
+        if not batch:
+            return
+        metas = [m for _, _, m in batch]
+        t0 = time.perf_counter()
+        try:
+            outs = self.engine.infer([img for _, img, _ in batch], metas)
+            if len(outs) != len(batch):
+                raise RuntimeError(f"engine returned {len(outs)} outputs for {len(batch)} frames")
+        except Exception as exc:  # noqa: BLE001 - any engine failure must become FAULT, never OK
+            logger.exception("engine %s failed on %d frames", self.model["name"], len(batch))
+            for h, _, meta in batch:
+                self.ring.release(h)
+                self._fault(meta, f"engine error: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.engine_s += time.perf_counter() - t0
+            self.batches += 1
+        t_done = time.time()
+        for (h, _, meta), out in zip(batch, outs):
+            self.ring.release(h)
+            if deadline_s and t_done - meta.t_capture > deadline_s:
+                self._fault(meta, f"deadline overrun: inspected {1000 * (t_done - meta.t_capture):.0f} ms "
+                                  f"after capture (deadline {self.cfg.deadline_ms:.0f} ms)")
+                continue
+            r = decide(out, meta, self.threshold, self.thr_cfg.min_region_px, self.model)
+            if r.verdict is Verdict.FAULT:
+                self.faults += 1
+            self.inspected += 1
+            self.emit(r)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Ask the loop to end once the ring is empty; True if it ended in time."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class LotCloser:
+    """Tier-2 stage: whole-lot outputs from the engine at lot end, in lot order."""
+
+    def __init__(self, get_engine: Callable[[], Engine], thr_cfg: ThresholdConfig,
+                 ledger: LotLedger, publish_lot: Callable[[LotEvent, list[Result], dict[str, int]], None],
+                 queue_max: int = 8):
+        self.get_engine = get_engine
+        self.threshold = Threshold(thr_cfg)
+        self.thr_cfg = thr_cfg
+        self.ledger = ledger
+        self.publish_lot = publish_lot
+        self._q: queue.Queue[LotEvent | None] = queue.Queue(queue_max)
+        self.t_heartbeat = time.monotonic()
+        self.skipped = 0
+        self.refined_lots = 0
+        self._thread = threading.Thread(target=self._run, name="lot-closer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def reconfigure(self, thr_cfg: ThresholdConfig) -> None:
+        self.thr_cfg = thr_cfg
+        self.threshold.reconfigure(thr_cfg)
+
+    def submit(self, ev: LotEvent) -> None:
+        """Queue a closed lot. If tier 2 is too far behind, the lot is closed without refinement
+        (counted, and said so in its lot message) rather than stalling tier 1."""
+        try:
+            self._q.put_nowait(ev)
+        except queue.Full:
+            self.skipped += 1
+            metas, counts = self.ledger.pop(ev.lot_id)
+            logger.warning("tier 2 behind: lot %s closed without refinement", ev.lot_id)
+            self.publish_lot(ev, [], {**counts, "tier2": "skipped: lot closer behind"})
+
+    def _run(self) -> None:
+        while True:
+            self.t_heartbeat = time.monotonic()
+            try:
+                ev = self._q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if ev is None:
+                return
+            self._close(ev)
+
+    def _close(self, ev: LotEvent) -> None:
+        metas, counts = self.ledger.pop(ev.lot_id)
+        engine = self.get_engine()
+        model = model_info(engine)
+        refined: list[Result] = []
+        try:
+            outs = engine.lot_closed(ev.lot_id)
+        except Exception as exc:  # noqa: BLE001 - a tier-2 failure is reported, tier 1 stands
+            logger.exception("tier 2 failed for lot %s", ev.lot_id)
+            self.publish_lot(ev, [], {**counts, "tier2": f"FAULT: {type(exc).__name__}: {exc}"})
+            return
+        by_id = {m.frame_id: m for m in metas}
+        for fid in outs:
+            if fid in by_id:
+                self.threshold.observe(float(outs[fid].image_score))
+        for fid, out in sorted(outs.items()):
+            meta = by_id.get(fid)
+            if meta is None:
+                continue
+            refined.append(decide(out, meta, self.threshold, self.thr_cfg.min_region_px, model,
+                                  tier=2, observe=False))
+        self.refined_lots += 1
+        self.publish_lot(ev, refined, counts)
+
+    def stop(self, timeout_s: float) -> bool:
+        try:
+            self._q.put(None, timeout=timeout_s)
+        except queue.Full:
+            return False
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()

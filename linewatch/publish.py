@@ -1,0 +1,168 @@
+"""ZeroMQ results publisher: the wire format and the one thread that owns the PUB socket.
+
+Message: multipart ``[topic, header]`` or ``[topic, header, payload]``.
+- topic: ``linewatch.<line>.<kind>``, kind in frame | lot | heartbeat | fault (UTF-8)
+- header: UTF-8 JSON; always ``seq`` (increases by one per message of this publisher, so a
+  subscriber sees gaps), ``kind``, ``line``, ``t_publish``; per kind the fields in README.md
+- payload: a PNG (mask 0/255, or the score map scaled to 0..255) when ``header.payload`` names it
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+from PIL import Image
+
+from .frames import LotEvent, Result
+
+logger = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+
+
+class EndpointError(Exception):
+    """A ZeroMQ endpoint cannot be bound (in use, malformed, no permission)."""
+
+
+def bind(sock: zmq.Socket, endpoint: str, what: str) -> None:
+    """Bind with a one-line error that names the endpoint and the config key."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise EndpointError(f"{what} = '{endpoint}': cannot bind: {exc.strerror}") from None
+
+
+def topic(line: str, kind: str) -> bytes:
+    return f"linewatch.{line}.{kind}".encode()
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """A bool mask -> 0/255 PNG; a float map -> 8-bit PNG scaled by its own max."""
+    if arr.dtype == bool:
+        img = arr.astype(np.uint8) * 255
+    else:
+        peak = float(np.max(arr)) if arr.size else 0.0
+        img = np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8) if peak > 0 else np.zeros(arr.shape, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def frame_header(r: Result, line: str) -> dict[str, Any]:
+    m = r.frame
+    return {
+        "v": WIRE_VERSION, "kind": "frame", "line": line, "camera": m.camera, "lot_id": m.lot_id,
+        "recipe": m.recipe, "frame_id": m.frame_id, "t_capture": m.t_capture,
+        "t_inspected": r.t_inspected, "tier": r.tier, "verdict": r.verdict.value,
+        "score": None if r.score is None else round(float(r.score), 6),
+        "threshold": None if r.threshold is None else round(float(r.threshold), 6),
+        "reason": r.reason, "regions": [g.to_json() for g in r.regions], "model": r.model,
+    }
+
+
+def lot_header(ev: LotEvent, line: str, refined: list[Result] | None = None,
+               summary: dict[str, int] | None = None) -> dict[str, Any]:
+    h: dict[str, Any] = {"v": WIRE_VERSION, "kind": "lot", "line": line, "event": ev.kind.value,
+                         "lot_id": ev.lot_id, "recipe": ev.recipe, "reason": ev.reason, "t_event": ev.t,
+                         "n_frames": ev.n_frames}
+    if summary is not None:
+        h["summary"] = summary
+    if refined is not None:
+        h["refined"] = [{"frame_id": r.frame.frame_id, "camera": r.frame.camera,
+                         "verdict": r.verdict.value,
+                         "score": None if r.score is None else round(float(r.score), 6),
+                         "regions": [g.to_json() for g in r.regions]} for r in refined]
+        h["model"] = refined[0].model if refined else {}
+    return h
+
+
+class Publisher:
+    """Owns the PUB socket in its own thread; other threads hand it messages through a queue.
+
+    The internal queue is bounded (``queue_max``); if it is full the message is dropped and
+    counted (``dropped``) - subscribers then see the seq gap. PUB itself never blocks: beyond
+    ``sndhwm`` ZeroMQ drops for the slow subscriber only, who also sees a seq gap.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, line: str, sndhwm: int,
+                 heartbeat_s: float, status: Callable[[], dict[str, Any]], queue_max: int = 100_000):
+        self.line = line
+        self.heartbeat_s = heartbeat_s
+        self._status = status
+        self._q: queue.Queue[tuple[str, dict[str, Any], np.ndarray | None]] = queue.Queue(queue_max)
+        self.seq = 0
+        self.sent = 0
+        self.dropped = 0
+        self.busy_s = 0.0
+        self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
+        self._stop = threading.Event()
+        self._sock = ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        bind(self._sock, endpoint, "publish.endpoint")
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, kind: str, header: dict[str, Any], payload: np.ndarray | None = None) -> None:
+        """Queue one message (any thread). ``payload`` is encoded as PNG in the publisher thread."""
+        try:
+            self._q.put_nowait((kind, header, payload))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        next_hb = time.monotonic()
+        while True:
+            now = time.monotonic()
+            self.t_heartbeat = now
+            if now >= next_hb:
+                self._emit("heartbeat", {"kind": "heartbeat", "line": self.line, **self._status()}, None)
+                next_hb = now + self.heartbeat_s
+            try:
+                kind, header, payload = self._q.get(timeout=min(0.2, max(0.0, next_hb - now)))
+            except queue.Empty:
+                if self._stop.is_set():
+                    break
+                continue
+            t0 = time.perf_counter()
+            self._emit(kind, header, payload)
+            self.busy_s += time.perf_counter() - t0
+        self._sock.close(linger=1000)
+
+    def _emit(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:
+        self.seq += 1
+        header["seq"] = self.seq
+        header["t_publish"] = time.time()
+        parts = [topic(self.line, kind)]
+        if payload is not None:
+            header["payload"] = "png-mask" if payload.dtype == bool else "png-score"
+            parts += [json.dumps(header).encode(), encode_png(payload)]
+        else:
+            parts.append(json.dumps(header).encode())
+        try:
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.Again:
+            self.dropped += 1
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Send what is queued, then close the socket."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.error("publisher did not stop within %.1f s; %d messages left", timeout_s, self._q.qsize())
+
+    def depth(self) -> int:
+        return self._q.qsize()
