@@ -1,0 +1,280 @@
+"""The default engine: zero-shot, lot-aware mutual scoring on EfficientNet-Lite0 patch features.
+
+Tier 1 (``infer``): each frame is compared with up to ``reference_frames`` other frames, most
+recent first, preferring its own lot: the other frames of the same lot in this batch, then the
+frames of this lot seen so far, then the previous lot. The very first frame ever, alone in its
+batch with nothing seen before, is scored against itself with each patch's neighbourhood
+excluded (``self_scores``): a patch with no look-alike elsewhere in its own image is suspicious.
+That is weaker than mutual scoring but never a fake "all clear".
+
+Tier 2 (``lot_closed``): the whole lot is mutually scored (every frame against the others, at most
+``tier2_references``) and the lot's features become the "previous lot" references.
+
+Geometry: with ``tile=True`` a frame keeps its aspect ratio: its shorter side is resized to
+``input_size``, the longer to a multiple of 16, and the result is cut into overlapping square
+``input_size`` tiles whose feature grids are stitched (weighted average in the overlaps). Every
+call to the feature extractor therefore sees one fixed shape, which suits exported engines.
+With ``tile=False`` frames are squashed to ``input_size`` x ``input_size``.
+
+The feature extractor is a swappable callable (float32 N x 3 x S x S normalised numpy batch in,
+float32 N x C x S/8 x S/8 numpy features out), so ONNX Runtime or TensorRT extractors can replace
+the torch one without touching the scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..frames import EngineOutput, FrameMeta
+from ..models import zeroshot as zs
+from ..models.backbone import STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
+
+logger = logging.getLogger(__name__)
+
+FeatureExtractor = Callable[[np.ndarray], np.ndarray]
+
+TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
+MAX_OPEN_LOTS = 2  # lots whose features are kept while open; an older one is rolled over
+MAX_LOT_FRAMES = 256  # frames of one lot kept for tier 2 (oldest dropped beyond, and counted)
+SMOOTH_SIGMA_PX = 4.0  # Gaussian blur of the score map, in pixels of the resized frame
+IMAGE_TOP_FRACTION = 0.01  # image score = mean of the top 1 % of the map
+
+
+class TorchExtractor:
+    """``PatchFeatures`` in torch, traced and frozen (BN folded) for fast CPU inference."""
+
+    def __init__(self, out_dim: int, device: str = "cpu", threads: int = 0, aggregate: bool = True,
+                 jit: bool = True):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.module = PatchFeatures(out_dim=out_dim, aggregate=aggregate).to(self.device)
+        self.name = self.module.name
+        self.version = self.module.version
+        self.out_dim = self.module.out_dim
+        self._jit = jit
+        self._compiled: dict[tuple[int, ...], Callable] = {}
+
+    def _runner(self, shape: tuple[int, ...]) -> Callable:
+        if not self._jit:
+            return self.module
+        key = tuple(shape[1:])
+        fn = self._compiled.get(key)
+        if fn is None:
+            example = torch.zeros((1, *key), device=self.device)
+            with torch.inference_mode():
+                fn = torch.jit.optimize_for_inference(torch.jit.freeze(
+                    torch.jit.trace(self.module, example, check_trace=False)))
+            self._compiled[key] = fn
+        return fn
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        with torch.inference_mode():
+            out = self._runner(tuple(x.shape))(x)
+        return out.float().cpu().numpy()
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One frame's features kept for later reference (and for tier 2)."""
+
+    frame_id: int
+    feat: torch.Tensor  # C x h x w
+    ref: torch.Tensor  # M x C, the subsampled reference patches
+    frame_hw: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Geometry:
+    """How one frame is resized and cut: resized to (height, width), tiles at ``offsets``
+    (y, x) in resized pixels, each ``size`` square."""
+
+    height: int
+    width: int
+    size: int
+    offsets: tuple[tuple[int, int], ...]
+
+
+def plan_geometry(height: int, width: int, input_size: int, tile: bool) -> _Geometry:
+    """Resize / tiling plan for a frame of ``height`` x ``width`` pixels."""
+    s = int(input_size) // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if not tile or height == width:
+        return _Geometry(s, s, s, ((0, 0),))
+    long_px = max(height, width) * s / min(height, width)
+    long_px = max(s, int(round(long_px / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+    step = s * (1.0 - TILE_OVERLAP)
+    n = max(1, math.ceil((long_px - s) / step) + 1)
+    starts = [0] if n == 1 else [int(round(i * (long_px - s) / (n - 1) / STRIDE)) * STRIDE for i in range(n)]
+    if height > width:
+        return _Geometry(long_px, s, s, tuple((y, 0) for y in starts))
+    return _Geometry(s, long_px, s, tuple((0, x) for x in starts))
+
+
+def _tile_weight(cells: int) -> np.ndarray:
+    """Per-cell stitching weight of a tile: low at the borders (zero padding there), 1 inside."""
+    ramp = np.minimum(np.arange(cells) + 1, np.arange(cells)[::-1] + 1).astype(np.float32)
+    w1 = np.minimum(ramp / 3.0, 1.0)
+    return np.outer(w1, w1)
+
+
+class ZeroShotEngine:
+    """Zero-shot, lot-aware anomaly scoring (implements ``linewatch.engines.base.Engine``).
+
+    ``extractor`` overrides the feature extractor (for another runtime or a test fake); it must
+    map a float32 N x 3 x S x S batch to float32 N x C x S/8 x S/8 features.
+    """
+
+    def __init__(self, cfg, extractor: FeatureExtractor | None = None, *, ref_stride: int = 2,
+                 tier2_ref_stride: int = 1, tier2_references: int = 32,
+                 max_lot_frames: int = MAX_LOT_FRAMES):
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if extractor is None:
+            if cfg.backend == "torch":
+                extractor = TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads)
+            else:
+                raise NotImplementedError(
+                    f"zero-shot engine backend '{cfg.backend}' is not implemented yet: export the "
+                    f"backbone to {cfg.engines_dir} and provide an extractor, or use backend='torch'")
+        self.extractor = extractor
+        self.name = "zeroshot"
+        ext_version = getattr(extractor, "version", type(extractor).__name__)
+        self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
+                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}")
+        self.ref_stride = int(ref_stride)
+        self.tier2_ref_stride = int(tier2_ref_stride)
+        self.tier2_references = int(tier2_references)
+        self.max_lot_frames = int(max_lot_frames)
+        self._lots: dict[str, deque[_Entry]] = {}
+        self._previous: list[_Entry] = []
+        self.dropped_bank_frames = 0  # frames pushed out of a full lot bank (no tier-2 output)
+        self.self_scored_frames = 0  # frames scored against themselves (nothing else to compare)
+
+    # ------------------------------------------------------------------------------ features
+    def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Patch features (C x h x w torch tensors) of uint8 H x W x C frames, tiles stitched."""
+        plans = [plan_geometry(im.shape[0], im.shape[1], self.cfg.input_size, self.cfg.tile) for im in images]
+        crops = []
+        for im, g in zip(images, plans):
+            if im.ndim == 2:
+                im = im[..., None]
+            r = resize_uint8(im, g.height, g.width)
+            crops.extend(r[y:y + g.size, x:x + g.size] for y, x in g.offsets)
+        batch = preprocess(np.stack(crops)).numpy()
+        feats = np.asarray(self.extractor(batch), dtype=np.float32)
+        out, i = [], 0
+        for g in plans:
+            n = len(g.offsets)
+            if n == 1:
+                out.append(torch.from_numpy(feats[i].copy()))
+            else:
+                out.append(torch.from_numpy(self._stitch(feats[i:i + n], g)))
+            i += n
+        return out
+
+    @staticmethod
+    def _stitch(tiles: np.ndarray, g: _Geometry) -> np.ndarray:
+        c, th, tw = tiles.shape[1:]
+        acc = np.zeros((c, g.height // STRIDE, g.width // STRIDE), dtype=np.float32)
+        wsum = np.zeros(acc.shape[1:], dtype=np.float32)
+        w = _tile_weight(th)
+        for t, (y, x) in zip(tiles, g.offsets):
+            ys, xs = y // STRIDE, x // STRIDE
+            acc[:, ys:ys + th, xs:xs + tw] += t * w
+            wsum[ys:ys + th, xs:xs + tw] += w
+        return acc / np.maximum(wsum, 1e-6)
+
+    def _entry(self, meta: FrameMeta, feat: torch.Tensor, hw: tuple[int, int]) -> _Entry:
+        return _Entry(meta.frame_id, feat, zs.subsample_reference(feat, self.ref_stride, meta.frame_id), hw)
+
+    def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int]) -> EngineOutput:
+        # sigma is given in resized-frame pixels; scale it to the frame's own grid
+        scale = hw[0] / (patch_scores.shape[0] * STRIDE)
+        smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], SMOOTH_SIGMA_PX * scale)
+        return EngineOutput(score_map=smap, image_score=zs.image_score(smap, IMAGE_TOP_FRACTION))
+
+    # -------------------------------------------------------------------------------- engine
+    def warmup(self, height: int, width: int, channels: int) -> None:
+        """Run the extractor once at this frame size (compiles / traces; keeps no state)."""
+        dummy = np.full((height, width, channels), 128, dtype=np.uint8)
+        self.features([dummy, dummy])
+
+    def infer(self, images: Sequence[np.ndarray], metas: Sequence[FrameMeta]) -> list[EngineOutput]:
+        """Tier-1 scores for a batch (see the module docstring for the choice of references)."""
+        if len(images) != len(metas):
+            raise ValueError(f"{len(images)} images but {len(metas)} metas")
+        if not images:
+            return []
+        feats = self.features(images)
+        entries = [self._entry(m, f, (im.shape[0], im.shape[1])) for im, m, f in zip(images, metas, feats)]
+        outputs = []
+        for i, (meta, e) in enumerate(zip(metas, entries)):
+            refs = self._references(i, metas, entries)
+            if refs:
+                s = zs.mutual_scores(zs.flat_patches(e.feat), refs, self.cfg.topk_fraction)
+                s = s.reshape(e.feat.shape[1:])
+            else:
+                self.self_scored_frames += 1
+                s = zs.self_scores(e.feat)
+            outputs.append(self._output(s, e.frame_hw))
+        for meta, e in zip(metas, entries):
+            self._bank(meta.lot_id).append(e)
+        return outputs
+
+    def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry]) -> list[torch.Tensor]:
+        cap = self.cfg.reference_frames
+        lot = metas[i].lot_id
+        refs = [entries[j].ref for j in range(len(entries) - 1, -1, -1)
+                if j != i and metas[j].lot_id == lot][:cap]
+        if len(refs) < cap:
+            bank = self._lots.get(lot, ())
+            refs.extend(e.ref for e in list(bank)[::-1][:cap - len(refs)])
+        if len(refs) < cap:
+            refs.extend(e.ref for e in self._previous[::-1][:cap - len(refs)])
+        return refs
+
+    def _bank(self, lot_id: str) -> deque[_Entry]:
+        bank = self._lots.get(lot_id)
+        if bank is None:
+            while len(self._lots) >= MAX_OPEN_LOTS:
+                stale = next(iter(self._lots))
+                logger.warning("lot %r was never closed; its features become the previous lot", stale)
+                self._roll(self._lots.pop(stale))
+            bank = self._lots[lot_id] = deque()
+        if len(bank) >= self.max_lot_frames:
+            bank.popleft()
+            self.dropped_bank_frames += 1
+        return bank
+
+    def _roll(self, entries: Sequence[_Entry]) -> None:
+        if entries:
+            self._previous = list(entries)[-self.cfg.reference_frames:]
+
+    def lot_closed(self, lot_id: str) -> dict[int, EngineOutput]:
+        """Tier 2: the whole lot (as kept in the bank) mutually scored, keyed by frame id."""
+        bank = self._lots.pop(lot_id, None)
+        if not bank:
+            return {}
+        entries = list(bank)
+        scores = zs.lot_mutual_scores([e.feat for e in entries], self.cfg.topk_fraction,
+                                      max_references=self.tier2_references, ref_stride=self.tier2_ref_stride)
+        if len(entries) == 1 and self._previous:  # a lot of one: the previous lot is a better reference
+            scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in self._previous],
+                                       self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
+        out = {e.frame_id: self._output(s, e.frame_hw) for e, s in zip(entries, scores)}
+        self._roll(entries)
+        return out
+
+    def close(self) -> None:
+        """Forget all kept features."""
+        self._lots.clear()
+        self._previous = []

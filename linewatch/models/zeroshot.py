@@ -1,0 +1,173 @@
+"""MuSc-style mutual scoring: pure functions on patch features, score maps and regions.
+
+A patch is anomalous when it has no close match in the other images of the lot. For each patch
+of a frame we take its nearest-patch (L2) distance to each reference image, then average the
+smallest ``topk_fraction`` of those per-reference distances, so that a few defective references
+(which may contain the same kind of defect elsewhere) do not hide a defect.
+
+Features are torch tensors C x h x w (one image) or N x C x h x w; distances use one matrix
+product per reference (``|a|^2 + |b|^2 - 2 a.b``), the fast path on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..frames import Region
+
+logger = logging.getLogger(__name__)
+
+# Patches within this many grid cells of a patch are "itself" when an image is scored against
+# itself (the first frame ever, with no other frame to compare with): 3x3 aggregated features of
+# neighbouring cells overlap, so they would match trivially.
+SELF_EXCLUDE_RADIUS = 3
+
+
+def flat_patches(feat: torch.Tensor) -> torch.Tensor:
+    """C x h x w -> (h*w) x C, contiguous."""
+    return feat.reshape(feat.shape[0], -1).T.contiguous()
+
+
+def subsample_reference(feat: torch.Tensor, stride: int, phase: int = 0) -> torch.Tensor:
+    """Keep every ``stride``-th cell of a C x h x w reference grid, shifted by ``phase`` (0 ..
+    stride^2-1) so that different references cover different sub-grids. Returns M x C."""
+    if stride <= 1:
+        return flat_patches(feat)
+    oy, ox = divmod(phase % (stride * stride), stride)
+    return flat_patches(feat[:, oy::stride, ox::stride])
+
+
+def nn_distance(query: torch.Tensor, ref: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """For each row of ``query`` (P x C) the L2 distance to its nearest row of ``ref`` (M x C)."""
+    rn = (ref * ref).sum(1)
+    out = torch.empty(query.shape[0], dtype=query.dtype, device=query.device)
+    for s in range(0, query.shape[0], chunk):
+        q = query[s:s + chunk]
+        # min over refs of |r|^2 - 2 q.r, then add |q|^2: one GEMM, one reduction
+        d2 = torch.addmm(rn.unsqueeze(0), q, ref.T, beta=1.0, alpha=-2.0).amin(1)
+        out[s:s + chunk] = d2 + (q * q).sum(1)
+    return out.clamp_min_(0).sqrt_()
+
+
+def topk_mean(dists: torch.Tensor, topk_fraction: float) -> torch.Tensor:
+    """P x R per-reference distances -> P scores: mean of the smallest ceil-ish fraction."""
+    r = dists.shape[1]
+    k = max(1, min(r, int(round(topk_fraction * r))))
+    if k == r:
+        return dists.mean(1)
+    return dists.topk(k, dim=1, largest=False).values.mean(1)
+
+
+def mutual_scores(query: torch.Tensor, refs: Sequence[torch.Tensor], topk_fraction: float) -> torch.Tensor:
+    """Patch scores of flattened queries (P x C) against references (each M_r x C) -> P."""
+    if not refs:
+        raise ValueError("mutual_scores needs at least one reference")
+    d = torch.stack([nn_distance(query, r) for r in refs], dim=1)
+    return topk_mean(d, topk_fraction)
+
+
+def self_scores(feat: torch.Tensor, exclude_radius: int = SELF_EXCLUDE_RADIUS) -> torch.Tensor:
+    """Score a C x h x w grid against itself, excluding each patch's (2r+1)^2 neighbourhood.
+
+    Used when there is no other image at all: defects are rare within an image, so a patch with no
+    close match elsewhere in the same image is suspicious. Returns h x w.
+    """
+    c, h, w = feat.shape
+    x = flat_patches(feat)
+    n = x.shape[0]
+    d2 = (x * x).sum(1, keepdim=True) + (x * x).sum(1).unsqueeze(0) - 2.0 * (x @ x.T)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    yy, xx = yy.reshape(-1), xx.reshape(-1)
+    near = ((yy[:, None] - yy[None, :]).abs() <= exclude_radius) & \
+           ((xx[:, None] - xx[None, :]).abs() <= exclude_radius)
+    if bool(near.all()):  # the grid is too small to exclude anything: fall back to plain self-NN
+        near = torch.eye(n, dtype=torch.bool)
+    d2 = d2.masked_fill(near.to(d2.device), float("inf"))
+    return d2.amin(1).clamp_min(0).sqrt().reshape(h, w)
+
+
+def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_references: int = 0,
+                      ref_stride: int = 1) -> list[torch.Tensor]:
+    """Whole-lot scoring (tier 2): each C x h_i x w_i grid against all the others.
+
+    ``max_references`` > 0 bounds the references per image (evenly spread over the lot, so the
+    cost grows linearly with the lot, not quadratically). Grids may differ in size. Returns one
+    h_i x w_i score grid per image. A lot of one image is scored against itself (``self_scores``).
+    """
+    n = len(feats)
+    if n == 1:
+        return [self_scores(feats[0])]
+    flats = [flat_patches(f) for f in feats]
+    subs = [subsample_reference(f, ref_stride, i) for i, f in enumerate(feats)]
+    out = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        if max_references and len(others) > max_references:
+            step = len(others) / max_references
+            others = [others[int(k * step)] for k in range(max_references)]
+        s = mutual_scores(flats[i], [subs[j] for j in others], topk_fraction)
+        out.append(s.reshape(feats[i].shape[1:]))
+    return out
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def to_pixel_map(patch_scores: torch.Tensor, height: int, width: int, sigma_px: float = 4.0) -> np.ndarray:
+    """h x w patch scores -> float32 height x width map: bilinear upsampling, then a separable
+    Gaussian blur of ``sigma_px`` pixels (0 = none), replicate padding at the borders."""
+    m = F.interpolate(patch_scores[None, None].float(), size=(height, width), mode="bilinear",
+                      align_corners=False)
+    if sigma_px > 0:
+        k = _gaussian_kernel(sigma_px).to(m.device)
+        r = k.numel() // 2
+        m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return m[0, 0].cpu().numpy().astype(np.float32, copy=False)
+
+
+def image_score(score_map: np.ndarray, top_fraction: float = 0.01) -> float:
+    """Image score: mean of the highest ``top_fraction`` of the map's pixels (0 = the maximum)."""
+    flat = np.asarray(score_map, dtype=np.float32).ravel()
+    if flat.size == 0:
+        raise ValueError("empty score map")
+    k = int(round(top_fraction * flat.size))
+    if k <= 1:
+        return float(flat.max())
+    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
+
+
+def regions_from_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int = 0,
+                      label: str = "anomaly") -> list[Region]:
+    """Connected components (8-connected) of a bool mask -> Regions (bbox, area, max score),
+    largest score first; components smaller than ``min_area_px`` are dropped."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != score_map.shape:
+        raise ValueError(f"mask {mask.shape} and score map {score_map.shape} differ in shape")
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(mask, labels, idx).astype(int)
+    maxes = ndimage.maximum(score_map, labels, idx)
+    slices = ndimage.find_objects(labels)
+    out = []
+    for area, mx, sl in zip(areas, maxes, slices):
+        if area < min_area_px or sl is None:
+            continue
+        bbox = (int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop))
+        out.append(Region(bbox=bbox, area_px=int(area), score=float(mx), label=label))
+    out.sort(key=lambda r: r.score, reverse=True)
+    return out

@@ -1,0 +1,135 @@
+"""Metrics checked against independent references: scikit-learn, and brute force loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from linewatch import metrics
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+def _labels_scores(seed: int, n: int = 300, ties: bool = False):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    s = rng.normal(size=n) + 0.8 * y
+    if ties:
+        s = np.round(s, 1)
+    return y, s
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_auroc_and_ap_match_sklearn(seed, ties):
+    y, s = _labels_scores(seed, ties=ties)
+    assert metrics.auroc(y, s) == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
+    assert metrics.average_precision(y, s) == pytest.approx(sk.average_precision_score(y, s), abs=1e-12)
+
+
+def _f1max_brute(y, s):
+    best = 0.0
+    for t in np.unique(s):
+        pred = s >= t
+        tp = np.sum(pred & y)
+        fp = np.sum(pred & ~y)
+        fn = np.sum(~pred & y)
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("ties", [False, True])
+def test_f1max_matches_brute_force(seed, ties):
+    y, s = _labels_scores(seed, ties=ties)
+    assert metrics.f1_max(y, s) == pytest.approx(_f1max_brute(y, s), abs=1e-12)
+
+
+def test_image_metrics_perfect_and_inverted():
+    y = np.array([0, 0, 1, 1])
+    assert metrics.image_metrics(y, [0.1, 0.2, 0.8, 0.9])["image_auroc"] == 1.0
+    assert metrics.auroc(y, [0.9, 0.8, 0.2, 0.1]) == 0.0
+    with pytest.raises(ValueError):
+        metrics.auroc([1, 1], [0.1, 0.2])
+
+
+def _random_maps(seed, n=4, h=24, w=20):
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for i in range(n):
+        m = np.zeros((h, w), bool)
+        if i % 2 == 0:
+            y, x = rng.integers(0, h - 6), rng.integers(0, w - 6)
+            m[y:y + rng.integers(2, 6), x:x + rng.integers(2, 6)] = True
+            m[rng.integers(0, h), rng.integers(0, w)] = True  # a second, one-pixel region
+        s = rng.random((h, w)) + 0.7 * m
+        maps.append(s.astype(np.float32))
+        masks.append(m)
+    return maps, masks
+
+
+def _aupro_brute(maps, masks, limit=0.3):
+    """One threshold at a time: overlap per connected region, FPR on normal pixels."""
+    from scipy import ndimage
+
+    all_s = np.concatenate([m.ravel() for m in maps])
+    normal = np.concatenate([~g.ravel() for g in masks])
+    pts = [(0.0, 0.0)]
+    for t in np.sort(np.unique(all_s))[::-1]:
+        fpr = np.sum((all_s >= t) & normal) / normal.sum()
+        pros = []
+        for m, g in zip(maps, masks):
+            lab, n = ndimage.label(g, structure=np.ones((3, 3)))
+            for k in range(1, n + 1):
+                r = lab == k
+                pros.append(np.sum((m >= t) & r) / r.sum())
+        pts.append((fpr, float(np.mean(pros))))
+    x = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    # integrate to the limit with linear interpolation at the cut
+    xs = np.r_[x[x <= limit], limit]
+    ys = np.r_[y[x <= limit], np.interp(limit, x, y)]
+    return float(np.trapezoid(ys, xs) / limit)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aupro_exact_matches_brute_force(seed):
+    maps, masks = _random_maps(seed)
+    assert metrics.aupro_exact(maps, masks) == pytest.approx(_aupro_brute(maps, masks), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_binned_pixel_metrics_close_to_exact_and_sklearn(seed):
+    maps, masks = _random_maps(seed)
+    lo = min(m.min() for m in maps)
+    hi = max(m.max() for m in maps)
+    binned = metrics.pixel_metrics(maps, masks, lo, hi)
+    exact = metrics.pixel_metrics_exact(maps, masks)
+    y = np.concatenate([g.ravel() for g in masks])
+    s = np.concatenate([m.ravel() for m in maps])
+    assert exact["pixel_auroc"] == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
+    assert exact["pixel_ap"] == pytest.approx(sk.average_precision_score(y, s), abs=1e-12)
+    assert exact["pixel_f1max"] == pytest.approx(_f1max_brute(y, s), abs=1e-12)
+    for k in exact:
+        assert binned[k] == pytest.approx(exact[k], abs=5e-3), k
+
+
+def test_aupro_perfect_map_is_one():
+    maps, masks = _random_maps(0)
+    perfect = [g.astype(np.float32) for g in masks]
+    assert metrics.aupro_exact(perfect, masks) == pytest.approx(1.0)
+    assert metrics.pixel_metrics(perfect, masks, 0.0, 1.0)["aupro"] == pytest.approx(1.0)
+
+
+def test_segmentation_metrics_by_hand():
+    g1 = np.zeros((4, 4), bool); g1[:2, :2] = True   # 4 px
+    p1 = np.zeros((4, 4), bool); p1[:2, :1] = True   # 2 px inside -> IoU 0.5
+    g2 = np.zeros((4, 4), bool); g2[0, 0] = True
+    p2 = g2.copy()                                   # IoU 1
+    g3 = np.zeros((4, 4), bool); p3 = np.zeros((4, 4), bool); p3[3, 3] = True  # IoU 0
+    out = metrics.segmentation_metrics([p1, p2, p3], [g1, g2, g3])
+    assert out["miou"] == pytest.approx(0.5)
+    assert out["oiou"] == pytest.approx((2 + 1 + 0) / (4 + 1 + 1))
+    assert out["prec@0.5"] == pytest.approx(2 / 3)
+    assert out["prec@0.7"] == pytest.approx(1 / 3)
+    assert out["prec@0.9"] == pytest.approx(1 / 3)
