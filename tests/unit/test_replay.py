@@ -1,0 +1,150 @@
+"""The replay source on small folders in tmp_path (flat, MVTec-style, corrupt files) and on the
+shared kolektorsdd set when it is present."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from linewatch.acquire.base import SourceError, SourceFrame
+from linewatch.acquire.replay import ReplayFolder
+from linewatch.config import ReplaySource
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def write_png(path: Path, h: int, w: int, value: int = 100, mask: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((h, w), value, np.uint8)
+    if mask:
+        arr[:] = 0
+        arr[h // 4: h // 2, w // 4: w // 2] = 255
+    Image.fromarray(arr).save(path)
+
+
+def take(src: ReplayFolder, n: int | None = None) -> list[SourceFrame]:
+    stop = threading.Event()
+    out = []
+    for f in src.frames(stop):
+        out.append(f)
+        if n is not None and len(out) >= n:
+            stop.set()
+    return out
+
+
+def opened(path: Path, **kw) -> ReplayFolder:
+    src = ReplayFolder(ReplaySource(path=path, **kw))
+    src.open()
+    return src
+
+
+def test_flat_folder_resized_to_first_image(tmp_path):
+    write_png(tmp_path / "a.png", 40, 60, 10)
+    write_png(tmp_path / "b.png", 20, 30, 200)
+    src = opened(tmp_path)
+    assert (src.height, src.width) == (40, 60)
+    frames = take(src)
+    assert [f.meta.frame_id for f in frames] == [0, 1]
+    assert all(f.image.shape == (40, 60, 3) for f in frames)
+    assert frames[1].image.mean() == pytest.approx(200, abs=1)
+    assert frames[0].gt is None and not frames[0].meta.has_gt  # flat layout: no ground truth
+    assert frames[0].meta.source_ref == str(tmp_path / "a.png")
+    assert frames[0].meta.extra["kind"] == "good"
+
+
+def test_configured_size_and_mono(tmp_path):
+    write_png(tmp_path / "a.png", 40, 60)
+    src = opened(tmp_path, width=32, height=24, channels=1)
+    (f,) = take(src)
+    assert f.image.shape == (24, 32, 1) and f.image.dtype == np.uint8
+
+
+def test_mvtec_layout_carries_resized_masks(tmp_path):
+    root = tmp_path / "bottle"
+    write_png(root / "test" / "good" / "000.png", 64, 64)
+    write_png(root / "test" / "crack" / "000.png", 64, 64)
+    write_png(root / "ground_truth" / "crack" / "000_mask.png", 64, 64, mask=True)
+    src = opened(root, width=32, height=32)
+    frames = {f.meta.extra["kind"]: f for f in take(src)}
+    assert set(frames) == {"good", "crack"}
+    assert frames["good"].meta.has_gt and not frames["good"].gt.any()
+    gt = frames["crack"].gt
+    assert gt.shape == (32, 32) and gt.dtype == bool
+    assert gt[8:16, 8:16].all() and gt.sum() == 64
+    assert frames["crack"].meta.extra["group"] == "bottle"
+
+
+def test_corrupt_file_gives_a_fault_frame_and_replay_continues(tmp_path, caplog):
+    write_png(tmp_path / "a.png", 16, 16)
+    (tmp_path / "x.png").write_bytes(b"\x00garbage, not a png" * 10)
+    write_png(tmp_path / "z.png", 16, 16)
+    src = opened(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="linewatch.acquire.replay"):
+        frames = take(src)
+    assert [f.meta.frame_id for f in frames] == [0, 1, 2]
+    bad = frames[1]
+    assert bad.meta.extra["fault"].startswith(f"corrupt image: {tmp_path / 'x.png'}: ")
+    assert bad.image.shape == (16, 16, 3) and not bad.image.any()
+    assert "fault" not in frames[0].meta.extra and "fault" not in frames[2].meta.extra
+    assert src.status.corrupt_frames == 1
+    assert "corrupt image" in caplog.text
+
+
+def test_loop_continues_frame_ids(tmp_path):
+    for name in "abc":
+        write_png(tmp_path / f"{name}.png", 8, 8)
+    src = opened(tmp_path, loop=True)
+    frames = take(src, 8)
+    assert [f.meta.frame_id for f in frames] == list(range(8))
+    assert [Path(f.meta.source_ref).name for f in frames[:4]] == ["a.png", "b.png", "c.png", "a.png"]
+    assert frames[3].meta.extra["loop"] == 1
+
+
+def test_shuffle_seed_is_a_fixed_permutation(tmp_path):
+    for i in range(12):
+        write_png(tmp_path / f"{i:02d}.png", 8, 8)
+    order = [[f.meta.source_ref for f in take(opened(tmp_path, shuffle_seed=s))] for s in (1, 1, None)]
+    assert order[0] == order[1] and sorted(order[0]) == order[2] and order[0] != order[2]
+
+
+def test_fps_paces_replay(tmp_path):
+    for i in range(20):
+        write_png(tmp_path / f"{i:02d}.png", 8, 8)
+    t0 = time.monotonic()
+    assert len(take(opened(tmp_path, fps=200.0))) == 20
+    assert time.monotonic() - t0 >= 0.09
+
+
+def test_missing_or_empty_folder_fails_at_open(tmp_path):
+    with pytest.raises(SourceError, match="not found"):
+        ReplayFolder(ReplaySource(path=tmp_path / "nope")).open()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        ReplayFolder(ReplaySource(path=tmp_path / "empty")).open()
+
+
+def test_all_unreadable_without_size_fails_at_open(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"garbage")
+    with pytest.raises(SourceError, match="width and height"):
+        opened(tmp_path)
+    (f,) = take(opened(tmp_path, width=8, height=8))  # with a size, it plays as a FAULT frame
+    assert "fault" in f.meta.extra
+
+
+@pytest.mark.skipif(not (DATA / "kolektorsdd").is_dir(), reason=f"shared data absent: {DATA / 'kolektorsdd'}")
+def test_kolektorsdd_masks_for_defective_parts():
+    src = opened(DATA / "kolektorsdd", width=128, height=320, channels=1)
+    frames = take(src, 40)  # the first five items (kos01..kos05)
+    assert all(f.meta.has_gt and f.gt.shape == (320, 128) for f in frames)
+    assert {f.meta.extra["group"] for f in frames} == {f"kos{i:02d}" for i in range(1, 6)}
+    defective = [f for f in frames if f.meta.extra["kind"] == "defect"]
+    good = [f for f in frames if f.meta.extra["kind"] == "good"]
+    assert defective and good
+    assert all(f.gt.any() for f in defective)
+    assert not any(f.gt.any() for f in good)
