@@ -1,0 +1,85 @@
+"""The on-disk spool: order, segments, the size cap and its counted loss, restart survival."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from linewatch.store.spool import Spool, SpoolError
+
+
+def _recs(start: int, n: int) -> list[dict]:
+    return [{"op": "result", "frame_id": i, "pad": "x" * 100} for i in range(start, start + n)]
+
+
+def _drain(spool: Spool) -> list[int]:
+    ids = []
+    while (seg := spool.oldest()) is not None:
+        ids += [r["frame_id"] for r in seg.records]
+        spool.remove(seg)
+    return ids
+
+
+def test_records_come_back_in_order_across_segments(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "sp", max_mb=10, segment_bytes=2000)
+    for k in range(10):
+        spool.append(_recs(k * 7, 7))
+    assert spool.rows == 70
+    assert len(spool.segments()) > 3, "small segment_bytes must rotate segments"
+    assert _drain(spool) == list(range(70))
+    assert spool.rows == 0
+    assert list((tmp_path / "sp").glob("seg-*.jsonl")) == []
+
+
+def test_cap_drops_oldest_segment_and_counts_it(tmp_path: Path) -> None:
+    # ~130 bytes a record; cap 0.01 MB = 10485 bytes; segments of ~2 KB
+    spool = Spool(tmp_path, max_mb=0.01, segment_bytes=2000)
+    for k in range(40):
+        spool.append(_recs(k * 5, 5))
+    assert spool.dropped_rows > 0
+    assert spool.size_bytes <= 10485 + 2000
+    kept = _drain(spool)
+    assert len(kept) + spool.dropped_rows == 200
+    assert kept == list(range(200 - len(kept), 200)), "the newest rows survive, in order"
+
+
+def test_spool_survives_a_restart(tmp_path: Path) -> None:
+    first = Spool(tmp_path, max_mb=1)
+    first.append(_recs(0, 5))
+    first.close()
+    second = Spool(tmp_path, max_mb=1)
+    assert second.rows == 5
+    second.append(_recs(5, 3))  # goes to a new segment after the old ones
+    assert _drain(second) == list(range(8))
+
+
+def test_unreadable_line_is_skipped_and_counted(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_mb=1)
+    spool.append(_recs(0, 3))
+    spool.close()
+    seg_path = next(tmp_path.glob("seg-*.jsonl"))
+    with open(seg_path, "ab") as fh:
+        fh.write(b'{"op": "result", "frame_')  # a line cut short by a power loss
+    again = Spool(tmp_path, max_mb=1)
+    seg = again.oldest()
+    assert seg is not None
+    assert [r["frame_id"] for r in seg.records] == [0, 1, 2]
+    assert seg.bad_lines == 1 and again.bad_lines == 1
+
+
+def test_oldest_seals_the_open_segment_and_appends_continue(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_mb=1)
+    spool.append(_recs(0, 2))
+    seg = spool.oldest()
+    assert seg is not None and len(seg.records) == 2
+    spool.append(_recs(2, 2))  # must not go into the segment being replayed
+    spool.remove(seg)
+    assert _drain(spool) == [2, 3]
+
+
+def test_spool_folder_under_a_file_is_an_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SpoolError, match="cannot create spool folder"):
+        Spool(blocker / "spool", max_mb=1)
