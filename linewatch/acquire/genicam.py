@@ -64,8 +64,10 @@ _LOSS_ERRORS = (GenTLError, GenApiError, IndexError, AttributeError, ValueError,
 # sees no devices (the producer's system module is per process), so it is refused clearly.
 _producers_in_use: set[str] = set()
 _producers_lock = threading.Lock()
-# A free-running camera silent for this many consecutive fetch timeouts is treated as lost.
-STALL_TIMEOUTS = 5
+# A free-running camera silent for this many fetch timeouts (and at least this many frame
+# periods) is treated as lost; a triggered camera may be silent as long as the line stops.
+STALL_TIMEOUTS = 10
+STALL_FRAME_PERIODS = 3
 
 
 def find_simulated_cti() -> Path | None:
@@ -122,7 +124,7 @@ def convert_pixels(data: np.ndarray, pixel_format: str, height: int, width: int)
 def bayer_to_rgb(mosaic: np.ndarray, pattern: str) -> np.ndarray:
     """Crude demosaic of an HxW Bayer mosaic whose top-left 2x2 cell is ``pattern`` (e.g. RG)."""
     h, w = mosaic.shape
-    padded = np.pad(mosaic, ((0, h % 2), (0, w % 2)), mode="edge")
+    padded = np.pad(mosaic, ((0, h % 2), (0, w % 2)), mode="reflect")  # keeps the pattern
     cells = {"RG": "RGGB", "GB": "GBRG", "GR": "GRBG", "BG": "BGGR"}[pattern]
     quad = [padded[0::2, 0::2], padded[0::2, 1::2], padded[1::2, 0::2], padded[1::2, 1::2]]
     red = quad[cells.index("R")]
@@ -298,6 +300,9 @@ class GenicamCamera:
         self._resizer: Resizer | None = None
         self._has_trigger = False
         self._free_running = True
+        self._stall_s = 0.0
+        self._cam_width = self._cam_height = 0
+        self._opened_shape = (0, 0)
         self._producer_key = ""
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -326,6 +331,10 @@ class GenicamCamera:
         except SourceError:
             self.close()
             raise
+        except (GenTLError, GenApiError) as exc:
+            self.close()
+            raise SourceError(f"cannot configure {self.model}: {exc}") from None
+        self._opened_shape = (self._cam_height, self._cam_width)
         self.height = self.cfg.height or self._cam_height
         self.width = self.cfg.width or self._cam_width
         self._resizer = None
@@ -382,6 +391,13 @@ class GenicamCamera:
                               "BGR8, RGBa8, BGRa8 or Bayer**8)")
         trigger_mode = _node(nm, "TriggerMode")
         self._free_running = trigger_mode is None or str(trigger_mode.value) == "Off"
+        rate = _node(nm, "AcquisitionFrameRate")
+        try:
+            period_s = 1.0 / float(rate.value) if rate is not None else 0.0
+        except (GenApiError, ZeroDivisionError):
+            period_s = 0.0
+        self._stall_s = max(STALL_TIMEOUTS * self.cfg.fetch_timeout_s,
+                            STALL_FRAME_PERIODS * period_s)
         self._has_trigger = _node(nm, "TriggerSoftware") is not None
         if self.cfg.software_trigger_fps > 0 and not self._has_trigger:
             raise SourceError(f"software_trigger_fps = {self.cfg.software_trigger_fps} but camera "
@@ -408,9 +424,9 @@ class GenicamCamera:
             try:
                 mode.value = "OldestFirst"
             except GenApiError as exc:
+                why = _why_refused(mode, "OldestFirst", exc)
                 raise SourceError(f"stream node 'StreamBufferHandlingMode' = 'OldestFirst' "
-                                  f"refused by {self.model}: {_why_refused(mode, 'OldestFirst', exc)}"
-                                  ) from None
+                                  f"refused by {self.model}: {why}") from None
 
     def _release_acquirer(self) -> None:
         ia, self._ia = self._ia, None
@@ -436,12 +452,13 @@ class GenicamCamera:
     def frames(self, stop: threading.Event) -> Iterator[SourceFrame]:
         """Yield frames until ``stop`` is set or ``close`` is called; reopen a lost camera."""
         period_s = 1.0 / self.cfg.software_trigger_fps if self.cfg.software_trigger_fps > 0 else 0.0
-        next_trigger = time.monotonic()
-        timeouts = 0
+        next_trigger = last_frame = time.monotonic()
         try:
             while not stop.is_set() and not self._closed:
-                if self._ia is None and not self._reopen(stop):
-                    return
+                if self._ia is None:
+                    if not self._reopen(stop):
+                        return
+                    last_frame = time.monotonic()
                 if period_s:
                     wait_s = next_trigger - time.monotonic()
                     if wait_s > 0 and stop.wait(wait_s):
@@ -455,13 +472,12 @@ class GenicamCamera:
                     self._lost(f"{type(exc).__name__}: {exc}")
                     continue
                 if frame is None:
-                    timeouts += 1
-                    if self._free_running and timeouts >= STALL_TIMEOUTS:
-                        self._lost(f"no frame for {timeouts * self.cfg.fetch_timeout_s:.1f} s")
-                        timeouts = 0
+                    silent_s = time.monotonic() - last_frame
+                    if self._free_running and silent_s >= self._stall_s:
+                        self._lost(f"free-running camera sent no frame for {silent_s:.1f} s")
                     continue
-                timeouts = 0
                 yield frame
+                last_frame = time.monotonic()  # silence counts only while waiting on the camera
         finally:
             with self._lock:
                 if self._ia is not None and not self._closed:
@@ -512,7 +528,8 @@ class GenicamCamera:
             fmt = comp.data_format
             rgb = convert_pixels(comp.data, fmt, int(comp.height), int(comp.width))
         except (IndexError, ValueError, KeyError, GenTLError, GenApiError) as exc:
-            return np.zeros((self.height, self.width, self.channels), np.uint8), f"undecodable: {exc}"
+            blank = np.zeros((self.height, self.width, self.channels), np.uint8)
+            return blank, f"undecodable: {exc}"
         img = fit_channels(rgb, self.channels)
         if img.shape[:2] != (self.height, self.width):
             if self._resizer is None or self._resizer.src_shape != img.shape[:2]:
@@ -536,7 +553,7 @@ class GenicamCamera:
         first_s, longest_s = self.cfg.reopen_backoff_s
         delay_s = max(first_s, 0.0)
         while not stop.is_set() and not self._closed:
-            if stop.wait(delay_s) or self._closed:
+            if not self._sleep(stop, delay_s):
                 return False
             try:
                 with self._lock:
@@ -546,14 +563,15 @@ class GenicamCamera:
                     self._connect()
             except (SourceError, *_LOSS_ERRORS) as exc:
                 self.status.last_error = f"reopen failed: {exc}"
+                delay_s = min(max(delay_s * 2, first_s, 0.05), longest_s)
                 logger.warning("camera %s: reopen failed (%s); next try in %.1f s", self.name, exc,
-                               min(delay_s * 2, longest_s) if delay_s else longest_s)
+                               delay_s)
                 with self._lock:
                     self._release_acquirer()
-                delay_s = min(max(delay_s * 2, first_s or 0.1), longest_s)
                 continue
-            if (self._cam_height, self._cam_width) != (self.height, self.width) and not (
-                    self.cfg.width and self.cfg.height):
+            if self._closed:
+                return False
+            if (self._cam_height, self._cam_width) != self._opened_shape:
                 logger.warning("camera %s came back as %dx%d; frames resized to %dx%d", self.name,
                                self._cam_width, self._cam_height, self.width, self.height)
             self.status.reopen_count += 1
@@ -561,6 +579,17 @@ class GenicamCamera:
             logger.info("camera %s reopened (%d reopens so far)", self.name,
                         self.status.reopen_count)
             return True
+        return False
+
+    def _sleep(self, stop: threading.Event, delay_s: float) -> bool:
+        """Wait ``delay_s``, waking early for ``stop`` or ``close``; False when woken."""
+        end = time.monotonic() + delay_s
+        while not self._closed:
+            left_s = end - time.monotonic()
+            if left_s <= 0:
+                return True
+            if stop.wait(min(left_s, 0.1)):
+                return False
         return False
 
 

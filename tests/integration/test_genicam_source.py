@@ -189,9 +189,50 @@ def test_vanished_camera_is_reopened_and_ids_keep_increasing(opened):
     assert ids[5] == ids[4] + 1  # the new device restarts at 1; ids continue after the last
 
 
+def test_free_running_camera_that_goes_silent_is_reopened(opened):
+    cam = opened(fetch_timeout_s=0.05)
+    stop = threading.Event()
+    ids = []
+    for frame in cam.frames(stop):
+        ids.append(frame.meta.frame_id)
+        if len(ids) == 3:
+            with cam._lock:  # the camera stops streaming but still answers register reads
+                cam._ia.remote_device.node_map.AcquisitionStop.execute()
+        if len(ids) == 8:
+            break
+    assert cam.status.reopen_count == 1
+    assert "no frame" in cam.status.last_error
+    assert all(b > a for a, b in zip(ids, ids[1:])), ids
+
+
 def _destroy_acquirer(cam: GenicamCamera) -> None:
     with cam._lock:
         cam._ia.destroy()
+
+
+def test_reopen_retries_until_the_camera_is_back(opened, monkeypatch):
+    cam = opened(reopen_backoff_s=(0.02, 0.1))
+    real_connect = cam._connect
+    tries: list[int] = []
+
+    def flaky() -> None:
+        tries.append(1)
+        if len(tries) < 3:
+            raise SourceError("device not enumerated yet")
+        real_connect()
+
+    monkeypatch.setattr(cam, "_connect", flaky)
+    stop = threading.Event()
+    ids = []
+    for frame in cam.frames(stop):
+        ids.append(frame.meta.frame_id)
+        if len(ids) == 2:
+            _destroy_acquirer(cam)
+        if len(ids) == 6:
+            break
+    assert len(tries) == 3
+    assert cam.status.reopen_count == 1 and cam.status.connected
+    assert all(b > a for a, b in zip(ids, ids[1:])), ids
 
 
 def test_stop_during_reopen_backoff_ends_frames(opened, monkeypatch):
@@ -247,3 +288,17 @@ def test_close_from_another_thread_ends_frames_and_is_idempotent(opened):
     assert cam.status.reopen_count == 0  # a close is not a vanished camera
     cam.close()
     assert not cam.status.connected
+
+
+def test_deploy_example_config_is_valid_with_a_present_producer():
+    from pathlib import Path
+
+    from linewatch import config
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "config.genicam.toml"
+    text = path.read_text(encoding="utf-8")
+    with pytest.raises(config.ConfigError, match="source.cti"):
+        config.parse(text, path)  # the vendor producer is not installed here
+    cti_line = next(ln for ln in text.splitlines() if ln.startswith("cti = "))
+    cfg = config.parse(text.replace(cti_line, f'cti = "{CTI}"'), path)
+    assert cfg.source.kind == "genicam" and cfg.lots.policy == "line"
