@@ -106,8 +106,11 @@ def make_engine(url: str | URL) -> Engine:
         kwargs["pool_pre_ping"] = True
         kwargs["pool_size"] = 1
         kwargs["max_overflow"] = 1
-        if "connect_timeout" not in parsed.query:
-            kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        # Find a dead or silent server within ~15 s even mid-query (keepalives when idle, a TCP
+        # user timeout when data is unacknowledged), unless the URL sets these itself.
+        defaults = {"connect_timeout": PG_CONNECT_TIMEOUT_S, "keepalives": 1, "keepalives_idle": 5,
+                    "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 15000}
+        kwargs["connect_args"] = {k: v for k, v in defaults.items() if k not in parsed.query}
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)

@@ -61,6 +61,8 @@ class StoreWriter:
         self._spool: Spool | None = None
         self._next_retry = 0.0
         self._late_warned = False
+        self._stopped: bool | None = None  # stop()'s answer once it has run
+        self._inflight: list[dict[str, Any]] | None = None  # live batch being written now
         # counters (written by the writer thread; overflow ones under _count_lock)
         self.rows_written = 0       # rows inserted/updated in the database (replays included)
         self.batches = 0            # transactions committed
@@ -157,20 +159,29 @@ class StoreWriter:
         writer stops trying the database and spools what is left; if the thread is still stuck
         in a database call at the deadline, the records still queued are spooled from here.
         """
-        if self._thread is None:
-            return True
+        if self._thread is None or self._stopped is not None:
+            return True if self._stopped is None else self._stopped
         self._stop_deadline = time.monotonic() + 0.8 * timeout_s
         self._stopping.set()
-        self._queue.put(_STOP)
+        try:
+            self._queue.put_nowait(_STOP)  # only to wake the thread; it also reads _stopping
+        except queue.Full:
+            pass  # a full queue wakes it anyway
         self._thread.join(timeout_s)
         finished = not self._thread.is_alive()
         if not finished:
-            logger.error("store writer did not finish within %.1f s; spooling the queue", timeout_s)
-            self._spool_rest_of_queue()
+            self._stopped = False  # tells the stuck thread to quit as soon as it wakes
+            logger.error("store writer did not finish within %.1f s (database hung?); spooling "
+                         "the queue and the batch in flight", timeout_s)
+            inflight = self._inflight
+            if inflight:  # may still reach the database too: the replay then ignores it
+                self._to_spool_from_caller(list(inflight))
+        self._spool_rest_of_queue()  # what a submit raced in after the thread's last look
         if self._spool is not None:
             self._spool.close()
         if finished and self._engine is not None:
             self._engine.dispose()
+        self._stopped = finished
         logger.info("store writer stopped: %s", self.stats())
         return finished
 
@@ -227,7 +238,7 @@ class StoreWriter:
         stop_seen = False
         while True:
             batch, got_stop = self._collect(drain=stop_seen)
-            stop_seen = stop_seen or got_stop
+            stop_seen = stop_seen or got_stop or self._stopping.is_set()
             if batch:
                 self._write_batch(batch)
             now = time.monotonic()
@@ -236,6 +247,8 @@ class StoreWriter:
                 self._connect(startup=False)
             if self.db_up and not past_deadline and self._spool is not None and self._spool.rows:
                 self._replay_one_segment()
+            if self._stopped is not None:
+                break  # stop() gave up on this thread and spooled its work; it must not write on
             if stop_seen and self._queue.empty() and (
                     past_deadline or not self.db_up or self._spool is None or not self._spool.rows):
                 break
@@ -293,9 +306,13 @@ class StoreWriter:
         if not self.db_up or time.monotonic() >= self._stop_deadline:
             self._spool_batch(batch)
             return
-        unwritten_from = self._try_write(batch)
-        if unwritten_from is not None:
-            self._spool_batch(batch[unwritten_from:])
+        self._inflight = batch
+        try:
+            unwritten_from = self._try_write(batch)
+            if unwritten_from is not None:
+                self._spool_batch(batch[unwritten_from:])
+        finally:
+            self._inflight = None
 
     def _try_write(self, batch: list[dict[str, Any]]) -> int | None:
         """Write a batch in one transaction, or row by row when the database refuses it.
