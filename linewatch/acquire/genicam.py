@@ -8,8 +8,10 @@ Vision Games Ltd. Viky") offers, as explored with harvesters 1.4.3:
 - ``Width`` / ``Height``: IInteger RW, 100..800, inc 1, default 400 x 400.
 - ``PixelFormat``: IEnumeration RW, ``RGBa8`` (default, 4 bytes per pixel, alpha dropped here)
   or ``Mono8``. No Bayer or 10/12/16-bit formats.
-- ``AcquisitionFrameRate``: IFloat RW, 1.0..200.0, default 20 (frames arrive at that rate; at 200
-  a Python fetch loop sees about 185 fps). ``AcquisitionMode`` is RO ``Continuous``.
+- ``AcquisitionFrameRate``: IFloat RW, 1.0..200.0, default 20; frames arrive at that rate
+  (measured through this source: 19.9 fps at 20, 97 at 100, 188 at 200 for 320x240 Mono8; at
+  800x600 RGBa8 / 200 the conversion keeps up with ~78 fps and frame-id gaps show the loss).
+  ``AcquisitionMode`` is RO ``Continuous``.
 - No ``TriggerMode`` / ``TriggerSoftware``, no ``ExposureTime``, no ``Gain``: the camera is
   free running, so ``software_trigger_fps`` must stay 0 with it.
 - ``BouncingBallSize`` IInteger RW 1..40 (the picture is a ball on white), ``AspectRatio`` RO,
@@ -279,7 +281,10 @@ class GenicamCamera:
     """A GenICam camera through a GenTL producer (harvesters); see the Source protocol.
 
     ``open`` configures the device and fails with SourceError; ``frames`` never raises for a lost
-    camera: it reopens it with exponential backoff and keeps frame ids increasing. One producer
+    camera: it reopens it with exponential backoff and keeps frame ids increasing. Lost means: a
+    fetch or start raises, the acquirer was destroyed, a fetch timeout whose probe read of
+    ``Width`` fails, or a free-running camera (no TriggerMode, or Off) silent for
+    ``STALL_TIMEOUTS`` fetch timeouts; a triggered camera may be silent indefinitely. One producer
     (.cti) serves one open GenicamCamera per process: close the old one before opening a new one.
     """
 
