@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alembic.util.exc import CommandError as AlembicError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -232,21 +233,37 @@ class StoreWriter:
             self._connect(startup=True)
         except StoreError as exc:
             self._start_error = exc
-            self._ready.set()
             return
-        self._ready.set()
+        except BaseException as exc:  # anything else must not leave start() waiting forever
+            self._start_error = StoreError(f"store writer failed to start: {exc!r}")
+            raise
+        finally:
+            self._ready.set()
         stop_seen = False
         while True:
             batch, got_stop = self._collect(drain=stop_seen)
             stop_seen = stop_seen or got_stop or self._stopping.is_set()
             if batch:
-                self._write_batch(batch)
+                try:
+                    self._write_batch(batch)
+                except Exception:  # noqa: BLE001 - the one thread that owns the database must live on
+                    self.db_errors += 1
+                    logger.exception("store writer: unexpected error writing %d rows; spooling them",
+                                     len(batch))
+                    self._spool_batch(batch)
             now = time.monotonic()
             past_deadline = now >= self._stop_deadline
-            if not self.db_up and now >= self._next_retry and not past_deadline:
-                self._connect(startup=False)
-            if self.db_up and not past_deadline and self._spool is not None and self._spool.rows:
-                self._replay_one_segment()
+            try:
+                if not self.db_up and now >= self._next_retry and not past_deadline:
+                    self._connect(startup=False)
+                if self.db_up and not past_deadline and self._spool is not None and self._spool.rows:
+                    self._replay_one_segment()
+            except Exception:  # noqa: BLE001 - back off and retry; the spool keeps the rows
+                self.db_errors += 1
+                logger.exception("store writer: unexpected error reconnecting or replaying; "
+                                 "retry in %.1f s", self.cfg.retry_s)
+                self.db_up = False
+                self._next_retry = now + self.cfg.retry_s
             if self._stopped is not None:
                 break  # stop() gave up on this thread and spooled its work; it must not write on
             if stop_seen and self._queue.empty() and (
@@ -282,12 +299,17 @@ class StoreWriter:
         assert self._engine is not None
         try:
             db.upgrade_to_head(self._engine)
+        except AlembicError as exc:  # a broken or foreign migration history: not an outage
+            if startup:
+                raise StoreError(f"cannot migrate store {self._engine.url.render_as_string()}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+            raise
         except SQLAlchemyError as exc:
             self.db_errors += 1
             self._next_retry = time.monotonic() + self.cfg.retry_s
             if startup and self._engine.dialect.name == "sqlite":
-                raise StoreError(f"cannot open SQLite store {self._engine.url}: "
-                                 f"{str(exc.orig if getattr(exc, 'orig', None) else exc).splitlines()[0]}") from None
+                why = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                raise StoreError(f"cannot open SQLite store {self._engine.url}: {why}") from None
             if not db.is_db_down(exc) and startup:
                 raise StoreError(f"cannot migrate store {self._engine.url.render_as_string()}: "
                                  f"{str(exc).splitlines()[0]}") from None

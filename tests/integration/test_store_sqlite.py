@@ -229,3 +229,28 @@ def test_submits_from_many_threads_all_arrive(tmp_path: Path, writer_factory) ->
     assert w.stop(10)
     assert count_results(w.cfg.url) == 400
     assert w.batches >= 400 // 16
+
+
+def test_spool_over_its_cap_drops_oldest_and_counts_every_lost_row(tmp_path: Path, writer_factory) -> None:
+    w = writer_factory(queue_size=1, spool_max_mb=0.02)
+    for i in range(600):  # not started: all but one record overflow into a 20 KB spool
+        w.submit_result(_result(i), T0)
+    assert w.spool_dropped_rows > 0
+    w.start()
+    assert w.stop(10)
+    written = count_results(w.cfg.url)
+    assert written + w.spool_dropped_rows == 600
+    newest = max(r["frame_id"] for r in fetch_results(w.cfg.url))
+    assert newest == 599, "the newest rows are kept, the oldest dropped"
+
+
+def test_submit_after_stop_goes_to_the_spool_for_the_next_run(tmp_path: Path, writer_factory) -> None:
+    w = writer_factory()
+    w.start()
+    w.stop(10)
+    w.submit_result(_result(7), T0)  # must not raise into the inspection path, nor vanish
+    assert w.spooled_rows == 1
+    nxt = writer_factory()
+    nxt.start()
+    nxt.stop(10)
+    assert count_results(w.cfg.url) == 1 and nxt.replayed_rows == 1
