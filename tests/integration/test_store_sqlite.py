@@ -20,6 +20,8 @@ from linewatch.store.records import result_record
 from linewatch.store.schema import metadata
 from linewatch.store.spool import Spool
 
+pytestmark = pytest.mark.integration
+
 T0 = 1_700_000_000.0
 MODEL = {"name": "zeroshot", "version": "1.0"}
 
