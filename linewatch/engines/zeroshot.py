@@ -43,7 +43,7 @@ FeatureExtractor = Callable[[np.ndarray], np.ndarray]
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
 MAX_OPEN_LOTS = 2  # lots whose features are kept while open; an older one is rolled over
 MAX_LOT_FRAMES = 256  # frames of one lot kept for tier 2 (oldest dropped beyond, and counted)
-SMOOTH_SIGMA_PX = 4.0  # Gaussian blur of the score map, in pixels of the resized frame
+SMOOTH_SIGMA_CELLS = 0.5  # Gaussian blur of the patch-score grid (4 px of the resized frame)
 IMAGE_TOP_FRACTION = 0.01  # image score = mean of the top 1 % of the map
 
 
@@ -197,9 +197,7 @@ class ZeroShotEngine:
         return _Entry(meta.frame_id, feat, zs.subsample_reference(feat, self.ref_stride, meta.frame_id), hw)
 
     def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int]) -> EngineOutput:
-        # sigma is given in resized-frame pixels; scale it to the frame's own grid
-        scale = hw[0] / (patch_scores.shape[0] * STRIDE)
-        smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], SMOOTH_SIGMA_PX * scale)
+        smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], SMOOTH_SIGMA_CELLS)
         return EngineOutput(score_map=smap, image_score=zs.image_score(smap, IMAGE_TOP_FRACTION))
 
     # -------------------------------------------------------------------------------- engine

@@ -43,16 +43,27 @@ def subsample_reference(feat: torch.Tensor, stride: int, phase: int = 0) -> torc
     return flat_patches(feat[:, oy::stride, ox::stride])
 
 
-def nn_distance(query: torch.Tensor, ref: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """For each row of ``query`` (P x C) the L2 distance to its nearest row of ``ref`` (M x C)."""
-    rn = (ref * ref).sum(1)
+def nn_distance(query: torch.Tensor, ref: torch.Tensor, query_sq: torch.Tensor | None = None,
+                chunk: int = 8192) -> torch.Tensor:
+    """For each row of ``query`` (P x C) the L2 distance to its nearest row of ``ref`` (M x C).
+
+    ``query_sq`` (the rows' squared norms) may be passed in when the same query meets many refs.
+    """
+    rn = (ref * ref).sum(1).unsqueeze(0)
+    qn = (query * query).sum(1) if query_sq is None else query_sq
     out = torch.empty(query.shape[0], dtype=query.dtype, device=query.device)
     for s in range(0, query.shape[0], chunk):
-        q = query[s:s + chunk]
         # min over refs of |r|^2 - 2 q.r, then add |q|^2: one GEMM, one reduction
-        d2 = torch.addmm(rn.unsqueeze(0), q, ref.T, beta=1.0, alpha=-2.0).amin(1)
-        out[s:s + chunk] = d2 + (q * q).sum(1)
-    return out.clamp_min_(0).sqrt_()
+        out[s:s + chunk] = torch.addmm(rn, query[s:s + chunk], ref.T, beta=1.0, alpha=-2.0).amin(1)
+    return out.add_(qn).clamp_min_(0).sqrt_()
+
+
+def pair_nn_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions at once for two flattened grids: (for each row of a, its nearest distance
+    in b; for each row of b, its nearest distance in a). One GEMM instead of two."""
+    an, bn = (a * a).sum(1), (b * b).sum(1)
+    d2 = torch.addmm(bn.unsqueeze(0), a, b.T, beta=1.0, alpha=-2.0).add_(an.unsqueeze(1))
+    return d2.amin(1).clamp_min_(0).sqrt_(), d2.amin(0).clamp_min_(0).sqrt_()
 
 
 def topk_mean(dists: torch.Tensor, topk_fraction: float) -> torch.Tensor:
@@ -68,7 +79,8 @@ def mutual_scores(query: torch.Tensor, refs: Sequence[torch.Tensor], topk_fracti
     """Patch scores of flattened queries (P x C) against references (each M_r x C) -> P."""
     if not refs:
         raise ValueError("mutual_scores needs at least one reference")
-    d = torch.stack([nn_distance(query, r) for r in refs], dim=1)
+    qn = (query * query).sum(1)
+    d = torch.stack([nn_distance(query, r, qn) for r in refs], dim=1)
     return topk_mean(d, topk_fraction)
 
 
@@ -97,42 +109,65 @@ def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_r
     """Whole-lot scoring (tier 2): each C x h_i x w_i grid against all the others.
 
     ``max_references`` > 0 bounds the references per image (evenly spread over the lot, so the
-    cost grows linearly with the lot, not quadratically). Grids may differ in size. Returns one
-    h_i x w_i score grid per image. A lot of one image is scored against itself (``self_scores``).
+    cost grows linearly with the lot, not quadratically). ``ref_stride`` > 1 subsamples each
+    reference grid (a different phase per image). Grids may differ in size. Returns one h_i x w_i
+    score grid per image. A lot of one image is scored against itself (``self_scores``).
     """
     n = len(feats)
     if n == 1:
         return [self_scores(feats[0])]
-    flats = [flat_patches(f) for f in feats]
-    subs = [subsample_reference(f, ref_stride, i) for i, f in enumerate(feats)]
-    out = []
+    refs_of = []
     for i in range(n):
         others = [j for j in range(n) if j != i]
         if max_references and len(others) > max_references:
             step = len(others) / max_references
             others = [others[int(k * step)] for k in range(max_references)]
-        s = mutual_scores(flats[i], [subs[j] for j in others], topk_fraction)
-        out.append(s.reshape(feats[i].shape[1:]))
+        refs_of.append(others)
+    flats = [flat_patches(f) for f in feats]
+    dist: dict[tuple[int, int], torch.Tensor] = {}  # (query, ref) -> nearest distance per query patch
+    if ref_stride <= 1:  # full grids: each pair's distance matrix serves both directions
+        for i in range(n):
+            for j in refs_of[i]:
+                if (i, j) not in dist:
+                    dist[(i, j)], dist[(j, i)] = pair_nn_distances(flats[i], flats[j])
+    else:
+        subs = [subsample_reference(f, ref_stride, i) for i, f in enumerate(feats)]
+        for i in range(n):
+            qn = (flats[i] * flats[i]).sum(1)
+            for j in refs_of[i]:
+                dist[(i, j)] = nn_distance(flats[i], subs[j], qn)
+    out = []
+    for i in range(n):
+        d = torch.stack([dist[(i, j)] for j in refs_of[i]], dim=1)
+        out.append(topk_mean(d, topk_fraction).reshape(feats[i].shape[1:]))
     return out
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, int(math.ceil(2.5 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
 
 
-def to_pixel_map(patch_scores: torch.Tensor, height: int, width: int, sigma_px: float = 4.0) -> np.ndarray:
-    """h x w patch scores -> float32 height x width map: bilinear upsampling, then a separable
-    Gaussian blur of ``sigma_px`` pixels (0 = none), replicate padding at the borders."""
-    m = F.interpolate(patch_scores[None, None].float(), size=(height, width), mode="bilinear",
-                      align_corners=False)
-    if sigma_px > 0:
-        k = _gaussian_kernel(sigma_px).to(m.device)
-        r = k.numel() // 2
-        m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-        m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+def smooth_grid(patch_scores: torch.Tensor, sigma_cells: float) -> torch.Tensor:
+    """Separable Gaussian blur of an h x w grid (replicate borders); sigma in grid cells."""
+    if sigma_cells <= 0:
+        return patch_scores
+    k = _gaussian_kernel(sigma_cells).to(patch_scores.device)
+    r = k.numel() // 2
+    m = patch_scores[None, None].float()
+    m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return m[0, 0]
+
+
+def to_pixel_map(patch_scores: torch.Tensor, height: int, width: int, sigma_cells: float = 0.5) -> np.ndarray:
+    """h x w patch scores -> float32 height x width map: a light Gaussian blur on the patch grid
+    (``sigma_cells`` grid cells, 0 = none; blurring the grid instead of the full-size map costs
+    nothing and is the same up to interpolation), then bilinear upsampling."""
+    m = smooth_grid(patch_scores.float(), sigma_cells)
+    m = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)
     return m[0, 0].cpu().numpy().astype(np.float32, copy=False)
 
 

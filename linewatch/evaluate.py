@@ -1,0 +1,331 @@
+"""`linewatch eval`: run labelled image folders through the daemon's engine and report metrics.
+
+Lots are formed from the data set (``--lots group|size|magnetic``) and fed, in order, through
+exactly the engine the daemon builds from the config (``infer`` in batches, then ``lot_closed``).
+Methods:
+- ``floor``: the baseline from the project's issue: plain lot mutual scoring on EfficientNet-Lite0
+  features (stride-8 and stride-16 stages, no local aggregation), frames squashed to 256 x 256,
+  each patch scored by the mean of its 30 % smallest nearest-patch distances to the other images
+  of the lot, bilinear upsampling, image score = map maximum;
+- ``coarse``: the engine's tier-2 (whole-lot) maps from ``lot_closed``;
+- ``tier1``: the engine's streaming maps from ``infer``.
+
+Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases and index.html to
+``--out``. Pixel metrics are binned (see ``linewatch.metrics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import datasets as ds
+from . import metrics as mx
+from .models import zeroshot as zs
+from .models.backbone import preprocess, resize_uint8
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("floor", "coarse", "tier1")
+FLOOR_SIZE = 256
+FLOOR_TOPK = 0.3
+METRIC_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1max", "image_auroc", "image_ap", "image_f1max")
+
+
+class FloorBaseline:
+    """The issue's floor (see the module docstring); scores one whole lot at a time."""
+
+    name = "floor"
+
+    def __init__(self, threads: int = 0):
+        from .engines.zeroshot import TorchExtractor
+
+        self.extractor = TorchExtractor(out_dim=0, aggregate=False, threads=threads)
+
+    def score_lot(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        feats = []
+        for s in range(0, len(images), 8):
+            crops = np.stack([resize_uint8(im, FLOOR_SIZE, FLOOR_SIZE) for im in images[s:s + 8]])
+            feats.extend(torch.from_numpy(f.copy()) for f in self.extractor(preprocess(crops).numpy()))
+        grids = zs.lot_mutual_scores(feats, FLOOR_TOPK)
+        out = []
+        for im, g in zip(images, grids):
+            m = zs.to_pixel_map(g, im.shape[0], im.shape[1], sigma_cells=0)
+            out.append((m, float(m.max())))
+        return out
+
+
+@dataclass
+class MethodResult:
+    """Everything kept about one method's run: maps (float16), image scores, timing."""
+
+    name: str
+    maps: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    accumulator: mx.PixelAccumulator | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `linewatch eval`."""
+    parser.add_argument("data", type=Path, help="data folder (kolektor, kinds, mvtec layouts)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "kolektor", "kinds", "mvtec"],
+                        help="data layout (default: detect)")
+    parser.add_argument("--lots", default="group", choices=["group", "size", "magnetic"],
+                        help="group = one lot per natural group (a kolektor item); size = consecutive "
+                             "lots of --lot-size; magnetic = lots of --lot-size with ~10%% defective")
+    parser.add_argument("--lot-size", type=int, default=32, help="frames per lot for size/magnetic")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for size/magnetic lots")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config.toml whose [engine] and [inspect] sections are used")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/<data name>)")
+    parser.add_argument("--limit-lots", type=int, default=0, help="only the first N lots (0 = all)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--gallery", type=int, default=4, help="best and worst cases shown per method")
+
+
+def _lots(args, samples: list[ds.Sample]) -> list[list[ds.Sample]]:
+    if args.lots == "magnetic":
+        return ds.magnetic_tile_lots(samples, lot_size=args.lot_size, seed=args.seed)
+    if args.lots == "size":
+        return ds.group_lots(samples, "size", args.lot_size, shuffle_seed=args.seed)
+    return ds.group_lots(samples, "group")
+
+
+def _engine_config(path: Path | None):
+    from . import config as cfgmod
+
+    if path is None:
+        return cfgmod.ZeroShotEngine(), cfgmod.InspectConfig().batch_size
+    cfg = cfgmod.load(path)
+    return cfg.engine, cfg.inspect.batch_size
+
+
+def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_size: int = 4,
+             progress: bool = True) -> tuple[dict[str, MethodResult], list[ds.Sample], list[np.ndarray]]:
+    """Run the lots through the methods; returns results, the samples and their GT masks in order."""
+    from tqdm import tqdm
+
+    from .engines.zeroshot import ZeroShotEngine
+    from .frames import FrameMeta
+
+    results = {m: MethodResult(m) for m in methods}
+    floor = FloorBaseline(engine_cfg.threads) if "floor" in methods else None
+    engine = ZeroShotEngine(engine_cfg) if ("coarse" in methods or "tier1" in methods) else None
+    order: list[ds.Sample] = []
+    masks: list[np.ndarray] = []
+    frame_id = 0
+    bar = tqdm(total=sum(len(lot) for lot in lots), unit="img", disable=not progress)
+    for k, lot in enumerate(lots):
+        images = [ds.load_image(s.image, 3) for s in lot]
+        order.extend(lot)
+        masks.extend(ds.load_mask(s.mask, im.shape[:2]) for s, im in zip(lot, images))
+        if floor is not None:
+            t0 = time.perf_counter()
+            for m, sc in floor.score_lot(images):
+                results["floor"].maps.append(m.astype(np.float16))
+                results["floor"].scores.append(sc)
+            results["floor"].seconds += time.perf_counter() - t0
+        if engine is not None:
+            lot_id = f"lot{k}"
+            ids = []
+            t0 = time.perf_counter()
+            for s in range(0, len(images), batch_size):
+                batch = images[s:s + batch_size]
+                metas = [FrameMeta(frame_id + i, time.time(), "eval", im.shape[0], im.shape[1], lot_id=lot_id)
+                         for i, im in enumerate(batch)]
+                frame_id += len(batch)
+                ids.extend(m.frame_id for m in metas)
+                outs = engine.infer(batch, metas)
+                if "tier1" in results:
+                    for o in outs:
+                        results["tier1"].maps.append(o.score_map.astype(np.float16))
+                        results["tier1"].scores.append(o.image_score)
+            t1 = time.perf_counter()
+            tier2 = engine.lot_closed(lot_id)
+            t2 = time.perf_counter()
+            if "tier1" in results:
+                results["tier1"].seconds += t1 - t0
+            if "coarse" in results:
+                results["coarse"].seconds += (t1 - t0) + (t2 - t1)
+                missing = [i for i in ids if i not in tier2]
+                if missing:
+                    raise RuntimeError(f"lot {lot_id}: no tier-2 output for frames {missing[:5]}")
+                for i in ids:
+                    results["coarse"].maps.append(tier2[i].score_map.astype(np.float16))
+                    results["coarse"].scores.append(tier2[i].image_score)
+        bar.update(len(lot))
+    bar.close()
+    labels = np.array([s.defective for s in order])
+    for r in results.values():
+        lo = float(min(m.min() for m in r.maps))
+        hi = float(max(m.max() for m in r.maps))
+        acc = mx.PixelAccumulator(lo, hi)
+        for m, g in zip(r.maps, masks):
+            acc.add(m.astype(np.float32), g)
+        r.accumulator = acc
+        r.metrics = {**acc.result(), **mx.image_metrics(labels, r.scores),
+                     "seconds_per_image": r.seconds / max(len(order), 1)}
+    return results, order, masks
+
+
+# ------------------------------------------------------------------------------- reports
+def metrics_table(results: dict[str, MethodResult]) -> str:
+    """Markdown table of the metrics, one row per method."""
+    head = "| method | " + " | ".join(METRIC_KEYS) + " | s/image |"
+    sep = "|" + "---|" * (len(METRIC_KEYS) + 2)
+    rows = [head, sep]
+    for r in results.values():
+        cells = [f"{r.metrics[k]:.4f}" for k in METRIC_KEYS]
+        rows.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.metrics['seconds_per_image']:.3f} |")
+    return "\n".join(rows)
+
+
+def _pr_plot(results: dict[str, MethodResult], labels: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for r in results.values():
+        tp, fp = r.accumulator.counts()
+        axes[0].plot(tp / tp[-1], tp / np.maximum(tp + fp, 1), label=f"{r.name} (AP {r.metrics['pixel_ap']:.3f})")
+        itp, ifp = mx._cumulative_counts(labels, np.asarray(r.scores))
+        axes[1].plot(itp / itp[-1], itp / (itp + ifp), label=f"{r.name} (AP {r.metrics['image_ap']:.3f})")
+    for ax, title in zip(axes, ("pixel precision-recall", "image precision-recall")):
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(title)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="upper right")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _overlay(image: np.ndarray, score_map: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    from matplotlib import colormaps
+
+    norm = np.clip((score_map.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
+    heat = (colormaps["jet"](norm)[..., :3] * 255).astype(np.float32)
+    base = np.repeat(image[..., :1], 3, axis=2) if image.shape[2] == 1 else image
+    return (0.55 * base.astype(np.float32) + 0.45 * heat).astype(np.uint8)
+
+
+def _gallery(results, order, masks, out: Path, n: int) -> dict[str, list[dict]]:
+    """Best and worst cases per method: defective images ranked by the image-score rank, plus the
+    defect-free images that scored highest (false alarms)."""
+    from PIL import Image
+
+    labels = np.array([s.defective for s in order])
+    cases: dict[str, list[dict]] = {}
+    for r in results.values():
+        scores = np.asarray(r.scores)
+        rank = scores.argsort().argsort() / max(len(scores) - 1, 1)  # 1 = highest score
+        bad = np.flatnonzero(labels)
+        good = np.flatnonzero(~labels)
+        pick = [("best", i) for i in bad[np.argsort(-rank[bad])][:n]]
+        pick += [("worst-missed", i) for i in bad[np.argsort(rank[bad])][:n]]
+        pick += [("worst-false-alarm", i) for i in good[np.argsort(-rank[good])][:n]]
+        lo, hi = r.accumulator.lo, float(np.percentile(np.concatenate([m.ravel()[::97] for m in r.maps]), 99.9))
+        folder = out / "gallery" / r.name
+        folder.mkdir(parents=True, exist_ok=True)
+        cases[r.name] = []
+        for kind, i in pick:
+            s = order[i]
+            stem = f"{kind}_{s.group}_{s.image.parent.name}_{s.image.stem}"
+            img = ds.load_image(s.image, 3)
+            Image.fromarray(img).save(folder / f"{stem}_image.png")
+            Image.fromarray(masks[i].astype(np.uint8) * 255).save(folder / f"{stem}_gt.png")
+            Image.fromarray(_overlay(img, r.maps[i], lo, hi)).save(folder / f"{stem}_pred.png")
+            cases[r.name].append({"kind": kind, "image": str(s.image), "score": float(scores[i]),
+                                  "rank": float(rank[i]), "stem": f"gallery/{r.name}/{stem}"})
+    return cases
+
+
+def _index_html(out: Path, title: str, table_md: str, results, cases) -> None:
+    rows = "".join(
+        "<tr><td>" + html.escape(r.name) + "</td>" + "".join(f"<td>{r.metrics[k]:.4f}</td>" for k in METRIC_KEYS)
+        + f"<td>{r.metrics['seconds_per_image']:.3f}</td></tr>" for r in results.values())
+    head = "".join(f"<th>{k}</th>" for k in METRIC_KEYS)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
+             "img{height:220px;margin:2px}table{border-collapse:collapse}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><table><tr><th>method</th>{head}<th>s/image</th></tr>{rows}</table>",
+             "<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>"]
+    for name, items in cases.items():
+        parts.append(f"<h2>Gallery: {html.escape(name)}</h2>")
+        for c in items:
+            parts.append(f"<div><b>{html.escape(c['kind'])}</b> {html.escape(c['image'])} score "
+                         f"{c['score']:.3f} (rank {c['rank']:.2f})<br>"
+                         + "".join(f"<img src='{html.escape(c['stem'])}_{p}.png' title='{p}'>"
+                                   for p in ("image", "gt", "pred")) + "</div>")
+    parts.append("</body></html>")
+    (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
+
+
+def run(args) -> int:
+    """Entry point of `linewatch eval`; returns the process exit code."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        print(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        return 2
+    try:
+        samples = ds.list_samples(args.data, args.layout)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cannot read data: {exc}")
+        return 2
+    lots = _lots(args, samples)
+    if args.limit_lots:
+        lots = lots[:args.limit_lots]
+    if not lots:
+        print("no lots formed from the data")
+        return 2
+    engine_cfg, batch_size = _engine_config(args.config)
+    out = args.out or Path("reports") / Path(args.data).name
+    out.mkdir(parents=True, exist_ok=True)
+    n_images = sum(len(lot) for lot in lots)
+    print(f"{len(lots)} lots, {n_images} images, methods {methods}, engine {engine_cfg.model_dump(mode='json')}")
+    results, order, masks = evaluate(lots, methods, engine_cfg, batch_size)
+    labels = np.array([s.defective for s in order])
+    table = metrics_table(results)
+    title = f"linewatch eval: {args.data} ({len(lots)} lots, {n_images} images, lots={args.lots})"
+    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nPixel metrics binned over "
+                                    f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n",
+                                    encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps({
+        "data": str(args.data), "lots": args.lots, "n_lots": len(lots), "n_images": n_images,
+        "engine": engine_cfg.model_dump(mode="json"), "batch_size": batch_size,
+        "methods": {r.name: r.metrics for r in results.values()}}, indent=2), encoding="utf-8")
+    _pr_plot(results, labels, out / "pr_curve.png")
+    cases = _gallery(results, order, masks, out, args.gallery)
+    _index_html(out, title, table, results, cases)
+    print(table)
+    print(f"report written to {out}/index.html")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m linewatch.evaluate``) until the CLI wires it."""
+    parser = argparse.ArgumentParser(prog="linewatch eval", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""Mutual scoring functions and the zero-shot engine's reference bookkeeping, with a fake extractor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.config import ZeroShotEngine as EngineCfg
+from linewatch.engines.zeroshot import ZeroShotEngine, plan_geometry
+from linewatch.frames import FrameMeta
+from linewatch.models import zeroshot as zs
+
+
+def test_nn_distance_matches_cdist():
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(50, 7, generator=g), torch.randn(33, 7, generator=g)
+    ref = torch.cdist(q, r).amin(1)
+    assert torch.allclose(zs.nn_distance(q, r), ref, atol=1e-4)
+    assert torch.allclose(zs.nn_distance(q, r, chunk=8), ref, atol=1e-4)
+    a, b = zs.pair_nn_distances(q, r)
+    assert torch.allclose(a, ref, atol=1e-4)
+    assert torch.allclose(b, torch.cdist(r, q).amin(1), atol=1e-4)
+
+
+def test_topk_mean_takes_smallest_fraction():
+    d = torch.tensor([[4.0, 1.0, 3.0, 2.0, 100.0]])
+    assert zs.topk_mean(d, 0.4).item() == pytest.approx(1.5)  # k = 2 -> (1 + 2) / 2
+    assert zs.topk_mean(d, 0.01).item() == pytest.approx(1.0)  # at least one
+    assert zs.topk_mean(d, 1.0).item() == pytest.approx(22.0)
+
+
+def _grids(n=5, c=4, h=6, w=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(c, h, w, generator=g)
+    return [base + 0.01 * torch.randn(c, h, w, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("ref_stride", [1, 2])
+def test_lot_scores_single_out_the_odd_patch(ref_stride):
+    grids = _grids()
+    grids[2][:, 3, 4] += 5.0  # one anomalous patch in image 2
+    out = zs.lot_mutual_scores(grids, topk_fraction=0.5, ref_stride=ref_stride)
+    assert len(out) == 5 and out[2].shape == (6, 6)
+    assert torch.argmax(out[2]).item() == 3 * 6 + 4
+    assert out[2][3, 4] > 10 * max(float(o.max()) for i, o in enumerate(out) if i != 2) or ref_stride > 1
+    assert out[2][3, 4] > 3 * float(out[0].max())
+
+
+def test_lot_scores_tolerate_a_defective_reference():
+    """Regression: with top-k over references, the same defect in two images still stands out."""
+    grids = _grids(n=8)
+    grids[1][:, 2, 2] += 5.0
+    grids[5][:, 2, 2] += 5.0  # the same defect at the same place in a second image
+    out = zs.lot_mutual_scores(grids, topk_fraction=0.3)
+    assert out[1][2, 2] > 3 * float(out[0].max())
+
+
+def test_lot_scores_bounded_references():
+    grids = _grids(n=10)
+    full = zs.lot_mutual_scores(grids, 0.3)
+    bounded = zs.lot_mutual_scores(grids, 0.3, max_references=3)
+    assert [b.shape for b in bounded] == [f.shape for f in full]
+
+
+def test_self_scores_excludes_neighbourhood():
+    c, h, w = 3, 12, 12
+    grid = torch.zeros(c, h, w)
+    grid[0] = torch.arange(w).float().repeat(h, 1) % 4  # a repeating texture
+    grid[:, 6, 6] += 4.0
+    s = zs.self_scores(grid, exclude_radius=1)
+    assert torch.argmax(s).item() == 6 * w + 6
+    assert float(s.min()) >= 0.0
+
+
+def test_pixel_map_and_image_score():
+    grid = torch.zeros(4, 5)
+    grid[1, 3] = 1.0
+    m = zs.to_pixel_map(grid, 32, 40, sigma_cells=0.5)
+    assert m.shape == (32, 40) and m.dtype == np.float32
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    assert 8 <= y < 16 and 24 <= x < 32
+    flat = np.arange(1000, dtype=np.float32).reshape(25, 40)
+    assert zs.image_score(flat, 0.01) == pytest.approx(np.mean(np.arange(990, 1000)))
+    assert zs.image_score(flat, 0.0) == 999.0
+
+
+def test_regions_from_mask():
+    mask = np.zeros((20, 30), bool)
+    mask[2:5, 3:9] = True  # 18 px
+    mask[10:12, 20:21] = True  # 2 px
+    score = np.zeros((20, 30), np.float32)
+    score[3, 4] = 0.9
+    score[11, 20] = 0.5
+    regions = zs.regions_from_mask(mask, score, min_area_px=0)
+    assert [r.bbox for r in regions] == [(3, 2, 9, 5), (20, 10, 21, 12)]
+    assert [r.area_px for r in regions] == [18, 2]
+    assert regions[0].score == pytest.approx(0.9)
+    assert len(zs.regions_from_mask(mask, score, min_area_px=5)) == 1
+    assert zs.regions_from_mask(np.zeros_like(mask), score) == []
+
+
+def test_plan_geometry_keeps_aspect_ratio_with_overlapping_tiles():
+    g = plan_geometry(1263, 500, 256, tile=True)
+    assert (g.width, g.size) == (256, 256) and g.height % 16 == 0 and g.height > 600
+    assert len(g.offsets) >= 3 and g.offsets[0] == (0, 0) and g.offsets[-1][0] == g.height - 256
+    assert all(y % 8 == 0 for y, _ in g.offsets)
+    assert plan_geometry(300, 300, 256, tile=True).offsets == ((0, 0),)
+    assert plan_geometry(1263, 500, 256, tile=False).height == 256
+
+
+class FakeExtractor:
+    """Features = 8x8 average of the input channels (C = 3), recording each call's batch shape."""
+
+    version = "fake-1"
+
+    def __init__(self):
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.shape)
+        t = torch.from_numpy(batch)
+        return torch.nn.functional.avg_pool2d(t, 8).numpy()
+
+
+def _frames(n, seed=0, size=64, defect_at=None):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(90, 110, (size, size, 3), dtype=np.uint8)
+    out = []
+    for i in range(n):
+        im = base.copy()
+        if defect_at is not None and i == defect_at:
+            im[24:40, 24:40] = 255
+        out.append(im)
+    return out
+
+
+def _metas(start, n, lot):
+    return [FrameMeta(start + i, 0.0, "cam", 64, 64, lot_id=lot) for i in range(n)]
+
+
+def _engine(**kw):
+    cfg = EngineCfg(input_size=64, reference_frames=kw.pop("reference_frames", 4), topk_fraction=0.5)
+    return ZeroShotEngine(cfg, extractor=FakeExtractor(), **kw)
+
+
+def test_first_frame_alone_is_self_scored_not_zero():
+    eng = _engine()
+    out = eng.infer(_frames(1, defect_at=0), _metas(0, 1, "a"))
+    assert eng.self_scored_frames == 1
+    assert out[0].score_map.shape == (64, 64)
+    assert out[0].image_score > 0
+    y, x = np.unravel_index(np.argmax(out[0].score_map), (64, 64))
+    assert 16 <= y < 48 and 16 <= x < 48
+
+
+def test_batch_peers_then_bank_then_previous_lot():
+    eng = _engine()
+    frames = _frames(4, defect_at=2)
+    out = eng.infer(frames, _metas(0, 4, "a"))
+    assert eng.self_scored_frames == 0  # peers in the batch are references
+    scores = [o.image_score for o in out]
+    assert int(np.argmax(scores)) == 2
+    tier2 = eng.lot_closed("a")
+    assert sorted(tier2) == [0, 1, 2, 3]
+    assert max(tier2, key=lambda k: tier2[k].image_score) == 2
+    # a new lot, one frame: the previous lot's frames are its references
+    out = eng.infer(_frames(1, defect_at=0), _metas(10, 1, "b"))
+    assert eng.self_scored_frames == 0
+    assert out[0].image_score > 2 * scores[0]
+    assert eng.lot_closed("nope") == {}
+
+
+def test_references_prefer_same_lot_most_recent_first_and_are_bounded():
+    eng = _engine(reference_frames=3)
+    eng.infer(_frames(4), _metas(0, 4, "a"))
+    eng.lot_closed("a")
+    eng.infer(_frames(2), _metas(4, 2, "b"))
+    metas = _metas(6, 2, "b")
+    entries = [eng._entry(m, f, (64, 64)) for m, f in zip(metas, eng.features(_frames(2)))]
+    refs = eng._references(0, metas, entries)
+    assert len(refs) == 3
+    assert refs[0] is entries[1].ref  # the batch peer first
+    bank = list(eng._lots["b"])
+    assert refs[1] is bank[-1].ref and refs[2] is bank[-2].ref  # then this lot, newest first
+
+
+def test_lot_bank_is_bounded_and_counts_drops():
+    eng = _engine(max_lot_frames=3)
+    eng.infer(_frames(5), _metas(0, 5, "a"))
+    assert eng.dropped_bank_frames == 2
+    assert sorted(eng.lot_closed("a")) == [2, 3, 4]
+
+
+def test_unclosed_lots_are_rolled_over():
+    eng = _engine()
+    for k, lot in enumerate("abc"):
+        eng.infer(_frames(2), _metas(2 * k, 2, lot))
+    assert set(eng._lots) == {"b", "c"}
+    assert [e.frame_id for e in eng._previous] == [0, 1]
+
+
+def test_tiles_share_one_extractor_shape():
+    eng = _engine()
+    tall = np.full((160, 64, 3), 100, np.uint8)
+    out = eng.infer([tall, _frames(1)[0]], [FrameMeta(0, 0.0, "c", 160, 64, lot_id="a"),
+                                            FrameMeta(1, 0.0, "c", 64, 64, lot_id="a")])
+    assert out[0].score_map.shape == (160, 64) and out[1].score_map.shape == (64, 64)
+    assert len(eng.extractor.calls) == 1 and eng.extractor.calls[0][1:] == (3, 64, 64)
+    assert eng.extractor.calls[0][0] >= 3  # the tall frame became several tiles
+
+
+def test_onnxruntime_backend_not_yet_available():
+    with pytest.raises(NotImplementedError, match="onnxruntime"):
+        ZeroShotEngine(EngineCfg(backend="onnxruntime"))
