@@ -1,0 +1,152 @@
+"""Evaluation of a referring segmenter on a held-out split.
+
+For every defective test image three sentences are run: its own kind-specific sentence (the
+first of its list), the universal prompt ("any defect"), and a wrong-kind sentence (the first
+sentence of the next kind in sorted order). Reported, each at the model's input size:
+
+- ``miou``: mean per-image IoU; ``oiou``: overall IoU (sum of intersections / sum of unions);
+- ``prec@0.5/0.7/0.9``: share of images whose IoU exceeds the threshold;
+- ``wrong_kind``: the same with the wrong-kind sentence, and ``iou_drop`` = miou(kind) -
+  miou(wrong); a model that ignores language has a drop near 0;
+- on defect-free test images with the universal prompt: ``good_fp_rate`` (share with any
+  predicted pixel) and ``good_area`` (mean predicted area share).
+
+``linewatch eval dqformer --ckpt <file> --data <json|name>`` prints these as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..models.backbone import preprocess
+from ..models.dqformer import ANOMALY, DQFormer
+from ..models.text import TextEncoder
+from . import data as rdata
+
+logger = logging.getLogger(__name__)
+
+PREC_THRESHOLDS = (0.5, 0.7, 0.9)
+
+
+def iou_stats(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
+    """(intersection, union) pixel counts of two bool masks."""
+    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+
+
+def summarize(pairs: list[tuple[int, int]]) -> dict[str, float]:
+    """mIoU, overall IoU and precision@k from (intersection, union) pairs (union 0 -> IoU 1)."""
+    if not pairs:
+        return {"n": 0}
+    ious = np.array([i / u if u else 1.0 for i, u in pairs])
+    inter = sum(i for i, _ in pairs)
+    union = sum(u for _, u in pairs)
+    out = {"n": len(pairs), "miou": float(ious.mean()), "oiou": float(inter / union) if union else 1.0}
+    for t in PREC_THRESHOLDS:
+        out[f"prec@{t}"] = float((ious > t).mean())
+    return out
+
+
+def wrong_sentence(kind: str, kinds: dict[str, list[str]]) -> str | None:
+    """First sentence of the next kind after ``kind`` in sorted order (None with one kind)."""
+    names = sorted(k for k in kinds if kinds[k])
+    if kind not in names or len(names) < 2:
+        return None
+    return kinds[names[(names.index(kind) + 1) % len(names)]][0]
+
+
+@torch.no_grad()
+def predict_masks(model: DQFormer, text: TextEncoder, images: list[np.ndarray],
+                  sentences: list[str], device: torch.device, batch_size: int = 16) -> list[np.ndarray]:
+    """Masks (bool, at the images' size, which must be the model's image_hw) for image/sentence pairs."""
+    model.eval()
+    out: list[np.ndarray] = []
+    for a in range(0, len(images), batch_size):
+        x = preprocess(np.stack(images[a:a + batch_size])).to(device)
+        enc = text.encode(sentences[a:a + batch_size]).to(device)
+        logits = model(x, enc.tokens, enc.mask, enc.pooled)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        out.extend((logits.argmax(1) == ANOMALY).cpu().numpy())
+    return out
+
+
+def evaluate(model: DQFormer, text: TextEncoder, items: list[rdata.ReferItem],
+             kinds: dict[str, list[str]], device: str | torch.device = "cpu",
+             universal_prompt: str = rdata.UNIVERSAL_EVAL_PROMPT, batch_size: int = 16) -> dict:
+    """All metrics of the module docstring for loaded test ``items``."""
+    device = torch.device(device)
+    bad = [it for it in items if it.kind != "good" and it.mask.any()]
+    good = [it for it in items if it.kind == "good" or not it.mask.any()]
+    res: dict = {}
+    if bad:
+        imgs = [it.image for it in bad]
+        kind_pred = predict_masks(model, text, imgs, [it.sentences[0] for it in bad], device, batch_size)
+        uni_pred = predict_masks(model, text, imgs, [universal_prompt] * len(bad), device, batch_size)
+        k_pairs = [iou_stats(p, it.mask) for p, it in zip(kind_pred, bad)]
+        res["kind"] = summarize(k_pairs)
+        res["universal"] = summarize([iou_stats(p, it.mask) for p, it in zip(uni_pred, bad)])
+        res["per_kind"] = {k: summarize([pr for pr, it in zip(k_pairs, bad) if it.kind == k])["miou"]
+                           for k in sorted({it.kind for it in bad})}
+        wrong = [(i, wrong_sentence(it.kind, kinds)) for i, it in enumerate(bad)]
+        wrong = [(i, s) for i, s in wrong if s]
+        if wrong:
+            w_pred = predict_masks(model, text, [bad[i].image for i, _ in wrong], [s for _, s in wrong],
+                                   device, batch_size)
+            w = summarize([iou_stats(p, bad[i].mask) for p, (i, _) in zip(w_pred, wrong)])
+            right = np.mean([k_pairs[i][0] / k_pairs[i][1] if k_pairs[i][1] else 1.0 for i, _ in wrong])
+            w["iou_drop"] = float(right - w["miou"])
+            w["pred_area"] = float(np.mean([p.mean() for p in w_pred]))
+            res["wrong_kind"] = w
+    if good:
+        g_pred = predict_masks(model, text, [it.image for it in good], [universal_prompt] * len(good),
+                               device, batch_size)
+        res["good"] = {"n": len(good), "good_fp_rate": float(np.mean([p.any() for p in g_pred])),
+                       "good_area": float(np.mean([p.mean() for p in g_pred]))}
+    return res
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``linewatch eval dqformer``."""
+    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint file (last.pt)")
+    parser.add_argument("--data", required=True,
+                        help="referring JSON file, or a data set name under ../shared/data")
+    parser.add_argument("--split", default="test", choices=rdata.SPLITS)
+    parser.add_argument("--seed", type=int, default=0, help="split seed when --data is a name")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the metrics here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint and print the metrics as JSON; returns the exit code."""
+    from ..models.dqformer import load_checkpoint
+
+    model, _ = load_checkpoint(args.ckpt)
+    model.to(args.device)
+    doc = rdata.load(args.data, seed=args.seed)
+    items = rdata.load_items(doc, args.split, model.config.image_hw)
+    text = TextEncoder(max_tokens=model.config.max_tokens)
+    metrics = evaluate(model, text, items, doc["kind_sentences"], args.device, batch_size=args.batch_size)
+    out = json.dumps(metrics, indent=1)
+    print(out)
+    if args.json_out:
+        args.json_out.write_text(out, encoding="utf-8")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m linewatch.refer.evaluate``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

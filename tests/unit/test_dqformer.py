@@ -1,0 +1,184 @@
+"""Unit tests for DQFormer: shapes, the two-query argmax mask, the LMA gate, that language
+changes the output, the loss, checkpoints, and the referring data helpers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.models.dqformer import (ANOMALY, DQFormer, DQFormerConfig, anomaly_probability,
+                                       dqformer_loss, load_checkpoint, predict_mask, save_checkpoint)
+from linewatch.refer import data as rdata
+from linewatch.refer.evaluate import summarize, wrong_sentence
+from linewatch.refer.train import parse_hw
+
+H = W = 64  # small input: strides 4..32 give 16, 8, 4, 2 cells
+
+
+def _text(n: int, t: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(n, t, 384, generator=g)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[:, t // 2:] = False  # padded tail
+    sent = torch.nn.functional.normalize(torch.randn(n, 384, generator=g), dim=1)
+    return words, mask, sent
+
+
+@pytest.fixture(scope="module")
+def model() -> DQFormer:
+    torch.manual_seed(0)
+    cfg = DQFormerConfig(image_hw=(H, W), dim=32, heads=4, decoder_layers=2, max_tokens=8,
+                         pretrained=False, freeze="all")
+    return DQFormer(cfg).eval()
+
+
+def test_forward_shapes_and_argmax_mask(model):
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        logits = model(x, *_text(2))
+    assert logits.shape == (2, 2, H // 4, W // 4)
+    mask = predict_mask(logits)
+    assert mask.dtype == torch.bool and mask.shape == (2, H // 4, W // 4)
+    assert torch.equal(mask, logits[:, ANOMALY] > logits[:, 1 - ANOMALY])
+    prob = anomaly_probability(logits)
+    assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+    assert torch.equal(prob > 0.5, mask)
+
+
+def test_gates_are_in_unit_interval(model):
+    model(torch.randn(2, 3, H, W), *_text(2))
+    assert set(model.last_gates) == {"8", "16", "32"}
+    for g in model.last_gates.values():
+        assert g.shape == (2, model.config.dim)
+        assert float(g.min()) >= 0.0 and float(g.max()) <= 1.0
+
+
+def test_language_changes_the_output(model):
+    x = torch.randn(1, 3, H, W).expand(2, -1, -1, -1)  # same image twice
+    words, mask, sent = _text(2, seed=3)
+    logits = model(x, words, mask, sent)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)
+    # and the same sentence on the same image gives the same logits
+    same = model(x, words[:1].expand(2, -1, -1), mask[:1].expand(2, -1), sent[:1].expand(2, -1))
+    assert torch.allclose(same[0], same[1], atol=1e-5)
+
+
+def test_padded_words_are_ignored(model):
+    x = torch.randn(1, 3, H, W)
+    words, mask, sent = _text(1)
+    a = model(x, words, mask, sent)
+    words2 = words.clone()
+    words2[:, ~mask[0]] = 100.0  # change only padded positions
+    b = model(x, words2, mask, sent)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_frozen_backbone_has_no_trainable_parameters(model):
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.set_freeze("stride8")
+    try:
+        assert any(p.requires_grad for p in model.backbone.levels["32"].parameters())
+        assert not any(p.requires_grad for p in model.backbone.levels["8"].parameters())
+    finally:
+        model.set_freeze("all")
+
+
+def test_loss_is_lower_for_the_right_answer():
+    target = torch.zeros(1, 16, 16)
+    target[0, 4:10, 4:10] = 1
+    good = torch.stack([1 - target, target], 1) * 8 - 4  # confident and right
+    bad = torch.stack([target, 1 - target], 1) * 8 - 4  # confident and wrong
+    lg, parts = dqformer_loss(good, target)
+    lb, _ = dqformer_loss(bad, target)
+    assert float(lg) < 0.1 < float(lb)
+    assert set(parts) == {"ce", "dice"}
+    empty = torch.zeros(1, 16, 16)
+    le, _ = dqformer_loss(torch.stack([torch.ones(16, 16), -torch.ones(16, 16)])[None] * 4, empty)
+    assert torch.isfinite(le) and float(le) < 0.1
+
+
+def test_checkpoint_round_trip(model, tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, model, "text-model-x", {"miou": 0.5}, epoch=3)
+    loaded, blob = load_checkpoint(path)
+    assert blob["text_model"] == "text-model-x" and blob["epoch"] == 3
+    assert blob["metrics"] == {"miou": 0.5}
+    assert loaded.config.image_hw == model.config.image_hw and loaded.config.dim == model.config.dim
+    x = torch.randn(1, 3, H, W)
+    t = _text(1)
+    assert torch.allclose(model(x, *t), loaded(x, *t), atol=1e-6)
+
+
+def test_checkpoint_of_wrong_format_is_refused(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"format": "something-else"}, path)
+    with pytest.raises(ValueError, match="not a DQFormer checkpoint"):
+        load_checkpoint(path)
+
+
+def test_config_rejects_bad_sizes_and_freeze():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        DQFormerConfig(image_hw=(100, 96), pretrained=False)
+    with pytest.raises(ValueError, match="freeze"):
+        DQFormerConfig(freeze="half", pretrained=False)
+    assert DQFormerConfig.from_dict(DQFormerConfig(image_hw=(64, 96)).to_dict()).image_hw == (64, 96)
+
+
+def test_parse_hw():
+    assert parse_hw("256") == (256, 256)
+    assert parse_hw("192x512") == (192, 512)
+    with pytest.raises(Exception, match="multiples of 32"):
+        parse_hw("100")
+
+
+def test_metrics_summary():
+    s = summarize([(5, 10), (9, 10), (0, 0)])  # IoU 0.5, 0.9, 1.0 (both empty)
+    assert s["miou"] == pytest.approx(0.8)
+    assert s["oiou"] == pytest.approx(14 / 20)
+    assert s["prec@0.5"] == pytest.approx(2 / 3)  # strictly above 0.5
+    assert s["prec@0.9"] == pytest.approx(1 / 3)
+
+
+def test_wrong_sentence_picks_another_kind():
+    kinds = {"crack": ["a crack"], "blowhole": ["a blowhole"], "fray": ["a fray"]}
+    assert wrong_sentence("blowhole", kinds) == "a crack"
+    assert wrong_sentence("fray", kinds) == "a blowhole"
+    assert wrong_sentence("crack", {"crack": ["a crack"]}) is None
+
+
+def test_spatial_sentences_follow_the_mask():
+    mask = np.zeros((90, 90), bool)
+    mask[5:10, 72:82] = True  # 50 px of 8100: "small"
+    sents = rdata.spatial_sentences("a blowhole", "tile", mask)
+    assert sents[0] == "a blowhole in the top right of the tile"
+    assert "small blowhole" in sents[1]
+    assert rdata.spatial_sentences("a crack", "tile", np.zeros((4, 4), bool)) == []
+
+
+def test_pick_sentence_mixes_universal_and_negatives():
+    item = rdata.ReferItem(np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), bool), ["a crack"], "crack", "x")
+    kinds = {"crack": ["a crack"], "fray": ["a fray"]}
+    rng = random.Random(0)
+    picks = [rdata.pick_sentence(item, rng, kinds, ["any defect"], 0.3, 0.2) for _ in range(2000)]
+    share = {s: sum(p[0] == s for p in picks) / len(picks) for s in ("a crack", "any defect", "a fray")}
+    assert share["any defect"] == pytest.approx(0.3, abs=0.05)
+    assert share["a fray"] == pytest.approx(0.2, abs=0.05)
+    assert all(keep is False for s, keep in picks if s == "a fray")
+    assert all(keep is True for s, keep in picks if s != "a fray")
+
+
+def test_load_validates_and_resolves_relative_paths(tmp_path):
+    doc = {"format": rdata.FORMAT, "samples": [
+        {"image": "img/a.png", "mask": None, "sentences": ["any defect"], "kind": "good", "split": "train"}]}
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps(doc))
+    out = rdata.load(p)
+    assert out["samples"][0]["image"] == str(tmp_path / "img" / "a.png")
+    doc["samples"][0]["split"] = "val"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(rdata.ReferDataError, match=r"samples\[0\]\.split"):
+        rdata.load(p)
