@@ -70,7 +70,7 @@ def spatial_sentences(phrase: str, obj: str, mask: np.ndarray) -> list[str]:
     bbox = mask_bbox(mask)
     pos = position_word(bbox, h, w).replace("-", " ")
     size = size_word(int(mask.sum()), h, w)
-    where = "in the center" if pos == "center" else f"in the {pos}"
+    where = f"in the {pos} area"
     noun = phrase.split(" ", 1)[1] if phrase.startswith(("a ", "an ")) else phrase
     art = "an" if size[0] in "aeiou" else "a"
     return [f"{phrase} {where} of the {obj}", f"{art} {size} {noun} {where}"]
@@ -145,33 +145,67 @@ def build_kolektorsdd(root: Path | str, seed: int = 0, test_fraction: float = 0.
 
 
 def build_synthetic(out_dir: Path | str, n_frames: int = 200, seed: int = 0,
-                    test_fraction: float = 0.2, height: int = 256, width: int = 256) -> dict:
-    """Referring data from the synthetic line: frames and masks are written as PNGs under
-    ``out_dir``; sentences come from each frame's defect kind, size and position."""
+                    test_fraction: float = 0.2, height: int = 256, width: int = 256,
+                    defect_rate: float = 0.6, product: str = "brushed_metal") -> dict:
+    """Referring data from the synthetic line (:mod:`linewatch.acquire.synthetic`).
+
+    Frames and masks are written as PNGs under ``out_dir``. A defective frame gives one sample
+    per defect kind in it (mask = ground truth inside that kind's boxes; sentences from the kind,
+    its size and position, as recorded in ``meta.extra["defects"]``) and, when it holds two
+    kinds, one more sample with the whole mask and the universal prompts. Defect-free frames
+    get an empty mask and the universal prompts. Split per frame by ``seed``.
+    """
     from PIL import Image
 
-    from ..acquire import synthetic  # written beside this module; imported lazily
+    from ..acquire.synthetic import SyntheticLine
+    from ..config import SyntheticSource
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    line = SyntheticLine(SyntheticSource(width=width, height=height, channels=3, seed=seed,
+                                         defect_rate=defect_rate, product=product, fps=0))
+    line.open()
     rng = random.Random(seed)
     kinds = {k: kind_sentences(v, "part") for k, v in SYNTHETIC_PHRASES.items()}
     out: list[dict] = []
-    for i, (image, mask, info) in enumerate(synthetic.iter_labelled_frames(
-            n_frames, seed=seed, height=height, width=width)):
-        img_p, mask_p = out_dir / f"frame_{i:05d}.png", out_dir / f"frame_{i:05d}_mask.png"
+    for i in range(n_frames):
+        image, mask, extra = line.render(i)
+        img_p = out_dir / f"frame_{i:05d}.png"
         Image.fromarray(image.squeeze()).save(img_p)
-        kind = info.get("kind", "good") if info else "good"
-        if kind == "good" or not mask.any():
-            sents, mask_s, kind = list(UNIVERSAL_PROMPTS), None, "good"
-        else:
-            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_p)
-            mask_s = str(mask_p)
-            phrase = SYNTHETIC_PHRASES.get(kind, ["a defect"])[0]
-            sents = kinds.get(kind, [phrase]) + spatial_sentences(phrase, "part", mask)
         split = "test" if rng.random() < test_fraction else "train"
-        out.append({"image": str(img_p), "mask": mask_s, "sentences": sents, "kind": kind,
-                    "split": split})
+        defects = extra.get("defects", [])
+        if not defects or not mask.any():
+            out.append({"image": str(img_p), "mask": None, "sentences": list(UNIVERSAL_PROMPTS),
+                        "kind": "good", "split": split})
+            continue
+        for kind in sorted({d["kind"] for d in defects}):
+            box = np.zeros_like(mask)
+            for d in defects:
+                if d["kind"] == kind:
+                    x0, y0, x1, y1 = d["bbox"]
+                    box[y0:y1, x0:x1] = True
+            m = mask & box
+            if not m.any():
+                continue
+            mask_p = out_dir / f"frame_{i:05d}_{kind}_mask.png"
+            Image.fromarray(m.astype(np.uint8) * 255).save(mask_p)
+            phrase = SYNTHETIC_PHRASES.get(kind, ["a defect"])[0]
+            sents = list(kinds.get(kind, [phrase]))
+            same = [d for d in defects if d["kind"] == kind]
+            if len(same) == 1:  # where / how large only when it names one defect
+                d = same[0]
+                noun = phrase.split(" ", 1)[1]
+                where = f"in the {d['position'].replace('-', ' ')} area"
+                art = "an" if d["size"][0] in "aeiou" else "a"
+                sents += [f"{phrase} {where} of the part", f"{art} {d['size']} {noun} {where}"]
+            out.append({"image": str(img_p), "mask": str(mask_p), "sentences": list(dict.fromkeys(sents)),
+                        "kind": kind, "split": split})
+        if len({d["kind"] for d in defects}) > 1:
+            mask_p = out_dir / f"frame_{i:05d}_mask.png"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_p)
+            out.append({"image": str(img_p), "mask": str(mask_p), "sentences": list(UNIVERSAL_PROMPTS),
+                        "kind": "mixed", "split": split})
+    line.close()
     return _doc("synthetic", seed, kinds, out)
 
 
@@ -269,7 +303,8 @@ def pick_sentence(item: ReferItem, rng: random.Random, kinds: dict[str, list[str
     r = rng.random()
     if item.kind != "good" and r < universal_prob:
         return rng.choice(universal), True
-    others = [k for k in kinds if k != item.kind]
+    # a sample whose kind has no sentence list (e.g. "mixed") may hold any kind: no negatives
+    others = [k for k in kinds if k != item.kind] if item.kind in kinds or item.kind == "good" else []
     if others and r < universal_prob + negative_prob:
         return rng.choice(kinds[rng.choice(others)]), item.kind == "good"
     return rng.choice(item.sentences), True

@@ -154,7 +154,7 @@ def test_spatial_sentences_follow_the_mask():
     mask = np.zeros((90, 90), bool)
     mask[5:10, 72:82] = True  # 50 px of 8100: "small"
     sents = rdata.spatial_sentences("a blowhole", "tile", mask)
-    assert sents[0] == "a blowhole in the top right of the tile"
+    assert sents[0] == "a blowhole in the top right area of the tile"
     assert "small blowhole" in sents[1]
     assert rdata.spatial_sentences("a crack", "tile", np.zeros((4, 4), bool)) == []
 
