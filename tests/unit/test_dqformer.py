@@ -182,3 +182,21 @@ def test_load_validates_and_resolves_relative_paths(tmp_path):
     p.write_text(json.dumps(doc))
     with pytest.raises(rdata.ReferDataError, match=r"samples\[0\]\.split"):
         rdata.load(p)
+
+
+def test_exports_to_onnx_with_matching_outputs(model, tmp_path):
+    """Guards against text encoding or Python control flow creeping into forward()."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    x = torch.randn(1, 3, H, W)
+    words, mask, sent = _text(1)
+    path = tmp_path / "dq.onnx"
+    torch.onnx.export(model, (x, words, mask, sent), str(path), dynamo=False, opset_version=17,
+                      input_names=["image", "words", "word_mask", "sentence"], output_names=["logits"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"image": x.numpy(), "words": words.numpy(), "word_mask": mask.numpy(),
+                          "sentence": sent.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x, words, mask, sent).numpy()
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() < 1e-4
