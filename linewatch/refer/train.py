@@ -254,3 +254,19 @@ def run_build(args: argparse.Namespace) -> int:
     n = {sp: sum(s["split"] == sp for s in doc["samples"]) for sp in rdata.SPLITS}
     print(f"wrote {args.out}: {len(doc['samples'])} samples ({n['train']} train, {n['test']} test)")
     return 0
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The whole ``linewatch train`` command: subcommands ``dqformer`` and ``build-refer``."""
+    sub = parser.add_subparsers(dest="train_cmd", required=True)
+    s = sub.add_parser("dqformer", help="train the DQFormer referring segmenter")
+    add_arguments(s)
+    s.set_defaults(train_fn=run)
+    s = sub.add_parser("build-refer", help="build a referring data JSON (magnetic_tile, kolektorsdd, synthetic)")
+    add_build_arguments(s)
+    s.set_defaults(train_fn=run_build)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Dispatch ``linewatch train <sub>``; returns the exit code."""
+    return args.train_fn(args)
