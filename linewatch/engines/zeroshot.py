@@ -8,7 +8,17 @@ excluded (``self_scores``): a patch with no look-alike elsewhere in its own imag
 That is weaker than mutual scoring but never a fake "all clear".
 
 Tier 2 (``lot_closed``): the whole lot is mutually scored (every frame against the others, at most
-``tier2_references``) and the lot's features become the "previous lot" references.
+``tier2_references``) and the lot's features become the "previous lot" references. With
+refinement enabled (``enable_refinement``, config ``[refine]``), the coarse lot maps are then
+refined by the AnoRefiner decoder trained on an earlier lot, and this lot is handed to the PGT
+worker (``linewatch.refine.worker``); the engine then also keeps each frame resized to its working
+geometry until the lot closes. Tier-2 maps are in the ARD's logit units then (also before the
+first ARD exists: the untrained decoder returns the normalised coarse map), and
+``last_tier2_model`` names the ARD version that produced the last lot's maps.
+
+``infer`` (inspector thread) and ``lot_closed`` (lot-closer thread) run concurrently: the lot
+banks and the previous-lot references are touched only under ``_lock``; the heavy work runs
+outside it.
 
 Geometry: with ``tile=True`` a frame keeps its aspect ratio: its shorter side is resized to
 ``input_size``, the longer to a multiple of 16, and the result is cut into overlapping square
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -34,7 +45,7 @@ import torch
 
 from ..frames import EngineOutput, FrameMeta
 from ..models import zeroshot as zs
-from ..models.backbone import STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
+from ..models.backbone import FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +101,7 @@ class _Entry:
     feat: torch.Tensor  # C x h x w
     ref: torch.Tensor  # M x C, the subsampled reference patches
     frame_hw: tuple[int, int]
+    image: np.ndarray | None = None  # the frame in working geometry, kept only for refinement
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,22 +141,24 @@ class ZeroShotEngine:
     """Zero-shot, lot-aware anomaly scoring (implements ``linewatch.engines.base.Engine``).
 
     ``extractor`` overrides the feature extractor (for another runtime or a test fake); it must
-    map a float32 N x 3 x S x S batch to float32 N x C x S/8 x S/8 features.
+    map a float32 N x 3 x S x S batch to float32 N x C x S/8 x S/8 features. Without one,
+    ``cfg.backend`` picks it (``linewatch.runtime.create_extractor``); ``batch_size`` is the batch
+    a TensorRT plan is optimised for.
     """
 
     def __init__(self, cfg, extractor: FeatureExtractor | None = None, *, ref_stride: int = 2,
                  tier2_ref_stride: int = 1, tier2_references: int = 32,
-                 max_lot_frames: int = MAX_LOT_FRAMES):
+                 max_lot_frames: int = MAX_LOT_FRAMES, batch_size: int = 4):
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if extractor is None:
             if cfg.backend == "torch":
                 extractor = TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads)
-            else:
-                raise NotImplementedError(
-                    f"zero-shot engine backend '{cfg.backend}' is not implemented yet: export the "
-                    f"backbone to {cfg.engines_dir} and provide an extractor, or use backend='torch'")
+            else:  # onnxruntime / tensorrt: exported (and built) on first use, see linewatch.runtime
+                from ..runtime import create_extractor
+
+                extractor = create_extractor(cfg, batch_size=batch_size)
         self.extractor = extractor
         self.name = "zeroshot"
         ext_version = getattr(extractor, "version", type(extractor).__name__)
@@ -158,6 +172,10 @@ class ZeroShotEngine:
         self._previous: list[_Entry] = []
         self.dropped_bank_frames = 0  # frames pushed out of a full lot bank (no tier-2 output)
         self.self_scored_frames = 0  # frames scored against themselves (nothing else to compare)
+        self._lock = threading.Lock()  # guards _lots and _previous (infer vs lot_closed threads)
+        self.refiner = None  # linewatch.refine.worker.Refiner when refinement is enabled
+        self.last_tier2_model: dict[str, str] | None = None  # model behind the last lot_closed maps
+        self.last_coarse: dict[int, EngineOutput] = {}  # the last lot's coarse maps (when refined)
 
     # ------------------------------------------------------------------------------ features
     def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -214,9 +232,13 @@ class ZeroShotEngine:
             return []
         feats = self.features(images)
         entries = [self._entry(m, f, (im.shape[0], im.shape[1])) for im, m, f in zip(images, metas, feats)]
+        if self.refiner is not None:
+            for im, e in zip(images, entries):
+                e.image = self.working_image(im)
         outputs = []
         for i, (meta, e) in enumerate(zip(metas, entries)):
-            refs = self._references(i, metas, entries)
+            with self._lock:
+                refs = self._references(i, metas, entries)
             if refs:
                 s = zs.mutual_scores(zs.flat_patches(e.feat), refs, self.cfg.topk_fraction)
                 s = s.reshape(e.feat.shape[1:])
@@ -224,9 +246,18 @@ class ZeroShotEngine:
                 self.self_scored_frames += 1
                 s = zs.self_scores(e.feat)
             outputs.append(self._output(s, e.frame_hw))
-        for meta, e in zip(metas, entries):
-            self._bank(meta.lot_id).append(e)
+        with self._lock:
+            for meta, e in zip(metas, entries):
+                self._bank(meta.lot_id).append(e)
         return outputs
+
+    def working_image(self, image: np.ndarray) -> np.ndarray:
+        """A frame resized to the engine's working geometry (what the ARD sees), uint8 H x W x C."""
+        if image.ndim == 2:
+            image = image[..., None]
+        g = plan_geometry(image.shape[0], image.shape[1], self.cfg.input_size, self.cfg.tile)
+        out = resize_uint8(image, g.height, g.width)
+        return out.copy() if np.shares_memory(out, image) else out  # never keep a view of the ring
 
     def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry]) -> list[torch.Tensor]:
         cap = self.cfg.reference_frames
@@ -258,21 +289,64 @@ class ZeroShotEngine:
             self._previous = list(entries)[-self.cfg.reference_frames:]
 
     def lot_closed(self, lot_id: str) -> dict[int, EngineOutput]:
-        """Tier 2: the whole lot (as kept in the bank) mutually scored, keyed by frame id."""
-        bank = self._lots.pop(lot_id, None)
+        """Tier 2: the whole lot (as kept in the bank) mutually scored, keyed by frame id; refined
+        by the ARD when refinement is enabled (see the module docstring)."""
+        with self._lock:
+            bank = self._lots.pop(lot_id, None)
+            previous = self._previous
         if not bank:
             return {}
         entries = list(bank)
         scores = zs.lot_mutual_scores([e.feat for e in entries], self.cfg.topk_fraction,
                                       max_references=self.tier2_references, ref_stride=self.tier2_ref_stride)
-        if len(entries) == 1 and self._previous:  # a lot of one: the previous lot is a better reference
-            scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in self._previous],
+        if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
+            scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
                                        self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
-        out = {e.frame_id: self._output(s, e.frame_hw) for e, s in zip(entries, scores)}
-        self._roll(entries)
+        coarse = {e.frame_id: self._output(s, e.frame_hw) for e, s in zip(entries, scores)}
+        with self._lock:
+            self._roll(entries)
+        if self.refiner is None or any(e.image is None for e in entries):
+            self.last_tier2_model = {"name": self.name, "version": self.version}
+            return coarse
+        return self._refine_lot(lot_id, entries, scores, coarse)
+
+    # ------------------------------------------------------------------------- refinement
+    def enable_refinement(self, refine_cfg, on_model=None, selector=None) -> None:
+        """Refine tier 2 with AnoRefiner (``refine_cfg``: config ``[refine]``). ``on_model`` is
+        called as ``(name, version, kind, details, trained_on_lot)`` for each new ARD version;
+        ``selector`` overrides the pseudo-normal choice (evaluation only)."""
+        from ..refine.worker import Refiner
+
+        if self.refiner is not None:
+            self.refiner.close()
+        dim = getattr(self.extractor, "out_dim", 0) or self.cfg.feature_dim or FEATURE_CHANNELS
+        self.refiner = Refiner(refine_cfg, dim, self.features, self.cfg.topk_fraction,
+                               on_model=on_model, selector=selector)
+
+    def _refine_lot(self, lot_id: str, entries: list[_Entry], scores: list[torch.Tensor],
+                    coarse: dict[int, EngineOutput]) -> dict[int, EngineOutput]:
+        from ..models.ard import grid_scale, normalise_grid
+        from ..refine.worker import LotJob
+
+        refiner = self.refiner
+        scale = grid_scale(scores)
+        z = [normalise_grid(s, scale) for s in scores]
+        ard = refiner.current()  # trained on an earlier lot (None before the first round)
+        logits = refiner.refine([e.image for e in entries], [e.feat for e in entries], z, ard)
+        out = {}
+        for e, m in zip(entries, logits):
+            smap = refiner.to_frame(m, e.frame_hw[0], e.frame_hw[1])
+            out[e.frame_id] = EngineOutput(score_map=smap, image_score=zs.image_score(smap, IMAGE_TOP_FRACTION))
+        self.last_coarse = coarse
+        self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
+        refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
+                              [coarse[e.frame_id].image_score for e in entries], scale))
         return out
 
     def close(self) -> None:
-        """Forget all kept features."""
-        self._lots.clear()
-        self._previous = []
+        """Forget all kept features; stop the PGT worker."""
+        if self.refiner is not None:
+            self.refiner.close()
+        with self._lock:
+            self._lots.clear()
+            self._previous = []
