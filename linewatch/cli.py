@@ -25,6 +25,8 @@ DEFAULT_CONFIG = "config.toml"
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s [%(threadName)s] %(name)s: %(message)s")
+    # alembic narrates every migration step at INFO; the store logs the outcome itself
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _load(path: str):

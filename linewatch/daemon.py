@@ -28,7 +28,7 @@ import zmq
 from . import __version__
 from . import config as cfgmod
 from .acquire import SourceUnavailable, create_source
-from .acquire.base import Source, SourceError
+from .acquire.base import Source, SourceError, SourceFrame
 from .config import Config, ConfigError
 from .control import ControlServer
 from .engines import EngineUnavailable, create_engine
@@ -103,7 +103,8 @@ class Dispatcher:
             d.store.submit_result(r, now)
         with self.lock:
             self.tier2_results += len(refined)
-        d.store.submit_lot_event(ev, {k: v for k, v in summary.items() if isinstance(v, int)})
+        d.store.submit_lot_event(ev)
+        d.store.submit_lot_summary(ev.lot_id, {k: v for k, v in summary.items() if k in Verdict.__members__})
 
 
 class Daemon:
@@ -143,8 +144,8 @@ class Daemon:
         self._pending.append(what)
         try:
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full, so the main loop is awake anyway
+        except OSError:
+            pass  # the pipe is full (the main loop is awake anyway) or closed (already stopped)
 
     # ----------------------------------------------------------------- start-up
     def _start(self) -> None:
@@ -226,12 +227,7 @@ class Daemon:
                 self.telemetry.frames_in.inc()
                 meta = sf.meta
                 self._fill_gap(meta)
-                self.tracker.assign(meta)
-                try:
-                    ring.put(sf.image, meta, sf.gt)
-                except ValueError as exc:  # a frame of the wrong size: FAULT, not a crash
-                    self.dispatch.result(Result(meta, Verdict.FAULT, None, [], self.inspector.model,
-                                                reason=f"source: {exc}", t_inspected=time.time()))
+                self.tracker.assign(meta, lambda: self._put(ring, sf))
                 self.acq_busy_s += time.perf_counter() - t0
                 if stop.is_set():
                     break
@@ -247,6 +243,13 @@ class Daemon:
             if self.exit_at_source_end:
                 self._wake("source_end")
 
+    def _put(self, ring: FrameRing, sf: SourceFrame) -> None:
+        try:
+            ring.put(sf.image, sf.meta, sf.gt)
+        except ValueError as exc:  # a frame of the wrong size: FAULT, not a crash
+            self.dispatch.result(Result(sf.meta, Verdict.FAULT, None, [], self.inspector.model,
+                                        reason=f"source: {exc}", t_inspected=time.time()))
+
     def _fill_gap(self, meta: FrameMeta) -> None:
         """Frame ids that never arrived are camera-side loss: each gets NOT_INSPECTED."""
         last = self.last_frame_id
@@ -259,9 +262,9 @@ class Daemon:
         logger.warning("camera %s: %d frame(s) lost before id %d", meta.camera, missing, meta.frame_id)
         for fid in range(last + 1, last + 1 + min(missing, MAX_GAP_FILL)):
             lost = FrameMeta(fid, meta.t_capture, meta.camera, meta.height, meta.width)
-            self.tracker.assign(lost)
-            self.dispatch.result(Result(lost, Verdict.NOT_INSPECTED, None, [], self.inspector.model,
-                                        reason="camera_loss: frame id never arrived", t_inspected=time.time()))
+            self.tracker.assign(lost, lambda m=lost: self.dispatch.result(Result(
+                m, Verdict.NOT_INSPECTED, None, [], self.inspector.model,
+                reason="camera_loss: frame id never arrived", t_inspected=time.time())))
 
     def _stop_acquisition(self, timeout_s: float = 5.0) -> None:
         self._acq_stop.set()
@@ -294,7 +297,7 @@ class Daemon:
                                                      "corrupt_frames": src.corrupt_frames,
                                                      "ended": self._source_ended.is_set()},
             "engine": model_info(self.inspector.engine), "tier2_results": self.dispatch.tier2_results,
-            "tier2_skipped": self.closer.skipped, "store": self.store.counters(),
+            "tier2_skipped": self.closer.skipped, "store": self.store.stats(),
             "reloads": self.reloads, "last_reload_error": self.last_reload_error,
             "stages": {k: round(v, 2) for k, v in self._stage_ages().items()},
         })
@@ -441,8 +444,12 @@ class Daemon:
         try:
             self._serve()
         finally:
-            self._restore_signals(old_handlers)
+            # handlers stay ours until the drain is done: a second SIGTERM/SIGINT during the
+            # drain is only a wake-up, never a KeyboardInterrupt in the middle of a flush
             self._shutdown()
+            self._restore_signals(old_handlers)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
             self.stopped.set()
         return 0
 
@@ -484,7 +491,7 @@ class Daemon:
         t = self.telemetry
         t.queue_depth.labels("ring").set(self.ring.depth())
         t.queue_depth.labels("publisher").set(self.publisher.depth())
-        c = self.store.counters()
+        c = self.store.stats()
         t.queue_depth.labels("store").set(c.get("queue_depth", 0))
         t.store_spooled.set(c.get("spooled_rows", 0) - c.get("replayed_rows", 0))
         t.source_connected.set(1 if self.source.status.connected else 0)

@@ -77,8 +77,13 @@ class LotTracker:
         logger.info("lot %s closed (%s) after %d frames", lot.lot_id, reason, lot.n_frames)
 
     # ----------------------------------------------------------- callers
-    def assign(self, meta: FrameMeta) -> None:
-        """Set ``meta.lot_id`` / ``meta.recipe``, opening or closing lots as the policy says."""
+    def assign(self, meta: FrameMeta, enqueue: Callable[[], None] | None = None) -> None:
+        """Set ``meta.lot_id`` / ``meta.recipe``, opening or closing lots as the policy says.
+
+        ``enqueue`` (put the frame in the ring, or publish its answer) runs under the tracker's
+        lock, after the frame joined its lot and before a close that the frame triggers, so the
+        frame always precedes its lot's close event, also against a concurrent `lot end`.
+        """
         with self._lock:
             cfg = self.cfg
             now = meta.t_capture
@@ -99,6 +104,8 @@ class LotTracker:
             lot.n_frames += 1
             lot.t_last_frame = now
             meta.lot_id, meta.recipe = lot.lot_id, lot.recipe
+            if enqueue is not None:
+                enqueue()
             if cfg.policy == "count" and lot.n_frames >= cfg.part_count:
                 self._close("part_count")
 

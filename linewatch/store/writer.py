@@ -75,8 +75,14 @@ class StoreWriter:
         self.rejected_rows = 0      # rows the database refused (not an outage); logged with data
         self.db_errors = 0          # failed database attempts (writes and reconnects)
         self.db_up = False
+        self.t_heartbeat = time.monotonic()  # stage heartbeat for the daemon's watchdog
 
     # ------------------------------------------------------------------ public, any thread
+    @property
+    def started(self) -> bool:
+        """True once ``start()`` has launched the writer thread."""
+        return self._thread is not None
+
     @property
     def queue_depth(self) -> int:
         """Records waiting in memory for the writer thread."""
@@ -241,6 +247,7 @@ class StoreWriter:
             self._ready.set()
         stop_seen = False
         while True:
+            self.t_heartbeat = time.monotonic()
             batch, got_stop = self._collect(drain=stop_seen)
             stop_seen = stop_seen or got_stop or self._stopping.is_set()
             if batch:
