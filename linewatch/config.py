@@ -152,7 +152,110 @@ class ZeroShotEngine(Strict):
     engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
 
 
-EngineConfig = Annotated[Union[ZeroShotEngine], Field(discriminator="kind")]
+class PromptConfig(Strict):
+    """IAP-AS prompts and region scoring (see linewatch.prompts). Under [engine.prompts] for the
+    default, and [engine.recipes.<recipe>] to override any of these keys for lots of one recipe."""
+
+    product: str = restart("Product name put in the prompts ({product}).", default="part")
+    material: str = restart("Material put in the prompts ({material}); empty drops the word.",
+                            default="")
+    defects: list[str] = restart(
+        "Defect phrases ({defect}); one sentence per template x phrase. 'any defect' is the "
+        "universal prompt.", default=["any defect"], min_length=1)
+    templates: list[str] = restart(
+        "Sentence templates. Placeholders: {defect} {product} {material} and the image tags "
+        "{brightness} {contrast} {texture} {orientation}, measured from each frame.",
+        default=["{defect} on the {product}"], min_length=1)
+    image_tags: bool = restart("Measure brightness / contrast / texture / orientation from each "
+                               "frame and fill the tag placeholders (off: they drop out).",
+                               default=True)
+    min_region_fraction: float = restart(
+        "Candidate regions smaller than this share of the image are dropped.", default=0.0005,
+        ge=0, le=1)
+    max_region_fraction: float = restart(
+        "Candidate regions larger than this share of the image are dropped (a mask that floods "
+        "the frame is a misfire, not a defect).", default=0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _templates_known(self) -> "PromptConfig":
+        from .prompts import check_template
+
+        for t in self.templates:
+            check_template(t)
+        if self.min_region_fraction > self.max_region_fraction:
+            raise ValueError("min_region_fraction must not exceed max_region_fraction")
+        return self
+
+
+class RecipePrompts(Strict):
+    """Per-recipe override of [engine.prompts]: only the keys given here change."""
+
+    product: str | None = restart("Product name for this recipe.", default=None)
+    material: str | None = restart("Material for this recipe.", default=None)
+    defects: list[str] | None = restart("Defect phrases for this recipe.", default=None, min_length=1)
+    templates: list[str] | None = restart("Templates for this recipe.", default=None, min_length=1)
+    image_tags: bool | None = restart("Measure image tags for this recipe.", default=None)
+    min_region_fraction: float | None = restart("Minimum region share for this recipe.",
+                                                default=None, ge=0, le=1)
+    max_region_fraction: float | None = restart("Maximum region share for this recipe.",
+                                                default=None, gt=0, le=1)
+
+    def apply(self, base: PromptConfig) -> PromptConfig:
+        """``base`` with this recipe's keys replaced (validated again)."""
+        update = {k: v for k, v in self.model_dump().items() if v is not None}
+        return PromptConfig.model_validate({**base.model_dump(), **update})
+
+
+class DQFormerEngine(Strict):
+    """DQFormer referring segmenter: outputs a mask directly (no threshold), prompts by IAP-AS."""
+
+    kind: Literal["dqformer"] = "dqformer"
+    checkpoint: Path = restart("DQFormer checkpoint written by `linewatch train dqformer` (last.pt). "
+                               "A missing file stops the daemon at startup.",
+                               default=Path("engines/dqformer.pt"))
+    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu")
+    threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
+    prompts: PromptConfig = restart("Prompt composition and region scoring.",
+                                    default_factory=PromptConfig)
+    recipes: dict[str, RecipePrompts] = restart(
+        "Per-recipe prompt overrides, keyed by recipe name, e.g. "
+        "recipes.tile_a = { product = \"magnetic tile\", material = \"ferrite\" }.",
+        default_factory=dict)
+
+
+class ClipEngine(Strict):
+    """CLIP-style zero-shot: similarity of patch embeddings to normal vs anomalous prompts."""
+
+    kind: Literal["clip"] = "clip"
+    weights: Path = restart("Folder of a CLIP model in Hugging Face layout (config.json, "
+                            "model.safetensors, tokenizer files). Nothing is downloaded; a "
+                            "missing folder stops the daemon at startup.",
+                            default=Path("engines/clip"))
+    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu")
+    threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
+    normal_templates: list[str] = restart(
+        "Templates of the 'normal' prompts (placeholders as in prompts.templates, no {defect}).",
+        default=["a photo of a flawless {product}", "a photo of a {texture} {product} without defects"],
+        min_length=1)
+    temperature: float = restart("Softmax temperature on cosine similarities (CLIP uses 0.01).",
+                                 default=0.01, gt=0)
+    prompts: PromptConfig = restart("Anomalous prompts and region scoring.",
+                                    default_factory=lambda: PromptConfig(
+                                        defects=["a defect", "a crack", "a scratch", "damage"],
+                                        templates=["a photo of a {product} with {defect}"]))
+    recipes: dict[str, RecipePrompts] = restart("Per-recipe prompt overrides (as for dqformer).",
+                                                default_factory=dict)
+
+    @model_validator(mode="after")
+    def _normal_templates_known(self) -> "ClipEngine":
+        from .prompts import check_template
+
+        for t in self.normal_templates:
+            check_template(t)
+        return self
+
+
+EngineConfig = Annotated[Union[ZeroShotEngine, DQFormerEngine, ClipEngine], Field(discriminator="kind")]
 
 
 class InspectConfig(Strict):
@@ -266,7 +369,8 @@ def _format_errors(path: Path | str, text: str, exc: ValidationError, raw: dict[
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         # drop pydantic's discriminator tags ('synthetic', 'zeroshot') from the path
-        clean = tuple(k for k in loc if k not in ("synthetic", "replay", "genicam", "zeroshot"))
+        clean = tuple(k for k in loc if k not in ("synthetic", "replay", "genicam", "zeroshot",
+                                                  "dqformer", "clip"))
         keypath = ".".join(str(k) for k in clean) or "(top level)"
         line = _line_of(text, clean)
         where = f"{path}:{line}" if line else f"{path}"
@@ -320,6 +424,15 @@ def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:
     if isinstance(src, ReplaySource) and not src.path.is_dir():
         ln = _line_of(text, ("source", "path"))
         problems.append(f"{path}:{ln or '?'}: source.path = '{src.path}': replay folder not found")
+    eng = cfg.engine
+    if isinstance(eng, DQFormerEngine) and not eng.checkpoint.is_file():
+        ln = _line_of(text, ("engine", "checkpoint"))
+        problems.append(f"{path}:{ln or '?'}: engine.checkpoint = '{eng.checkpoint}': DQFormer "
+                        f"checkpoint not found (train one with `linewatch train dqformer`)")
+    if isinstance(eng, ClipEngine) and not (eng.weights / "config.json").is_file():
+        ln = _line_of(text, ("engine", "weights"))
+        problems.append(f"{path}:{ln or '?'}: engine.weights = '{eng.weights}': no CLIP model "
+                        f"(config.json) in that folder")
     return problems
 
 
@@ -381,4 +494,6 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # nested tables (engine.recipes.<name>) as TOML inline tables
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 
 ENGINES: dict[str, tuple[str, str]] = {
     "zeroshot": ("linewatch.engines.zeroshot", "ZeroShotEngine"),
+    "dqformer": ("linewatch.engines.dqformer", "DQFormerEngine"),
+    "clip": ("linewatch.engines.clip", "ClipEngine"),
 }
 
 

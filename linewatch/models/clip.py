@@ -1,0 +1,143 @@
+"""CLIP from a local folder, and prompt-vs-patch similarity scoring (WinCLIP / MaskCLIP style).
+
+The folder holds a CLIP model in Hugging Face layout (``config.json``, ``model.safetensors`` or
+``pytorch_model.bin``, tokenizer files, optionally ``preprocessor_config.json``), e.g. a copy of
+openai/clip-vit-base-patch16 made on a machine with internet. It is loaded with
+``local_files_only=True`` and ``HF_HUB_OFFLINE=1``: nothing is ever fetched from a hub.
+
+Scoring: the vision transformer's patch tokens go through the final layer norm and the visual
+projection into the joint image-text space (as the class token does); each patch is compared by
+cosine similarity with the mean embedding of the "normal" prompts and of the "anomalous" prompts;
+a softmax over the two similarities divided by ``temperature`` gives the patch's anomaly
+probability. The map is upsampled bilinearly to the frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+# CLIP's own normalisation (used when the folder has no preprocessor_config.json)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ClipWeightsError(FileNotFoundError):
+    """The CLIP weights folder is missing or incomplete; the message names the path and the file."""
+
+
+def check_weights_dir(path: Path | str) -> Path:
+    """Return ``path`` if it looks like a local CLIP folder, else raise ClipWeightsError."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ClipWeightsError(f"CLIP weights folder not found: {p} (CLIP weights are never "
+                               f"downloaded; copy a Hugging Face CLIP folder there)")
+    if not (p / "config.json").is_file():
+        raise ClipWeightsError(f"CLIP weights folder {p} has no config.json")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise ClipWeightsError(f"CLIP weights folder {p} has none of {list(WEIGHT_FILES)}")
+    return p
+
+
+class ClipScorer:
+    """A CLIP model plus tokenizer loaded from a local folder; scores images against prompts."""
+
+    def __init__(self, model, tokenizer, device: str = "cpu", mean=CLIP_MEAN, std=CLIP_STD,
+                 version: str = "clip"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        vc = model.config.vision_config
+        self.image_size = int(vc.image_size)
+        self.patch_size = int(vc.patch_size)
+        self.grid = self.image_size // self.patch_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+        self.version = version
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_folder(cls, path: Path | str, device: str = "cpu") -> "ClipScorer":
+        """Load a Hugging Face-layout CLIP folder; raises ClipWeightsError when it is not there."""
+        p = check_weights_dir(path)
+        os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: no hub access
+        try:
+            from transformers import AutoTokenizer, CLIPModel
+        except ImportError as exc:
+            raise ImportError("the clip engine needs the package 'transformers' "
+                              "(pip install 'linewatch[clip]')") from exc
+        model = CLIPModel.from_pretrained(str(p), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        mean, std = CLIP_MEAN, CLIP_STD
+        pre = p / "preprocessor_config.json"
+        if pre.is_file():
+            d = json.loads(pre.read_text(encoding="utf-8"))
+            mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+        return cls(model, tokenizer, device, mean, std, version=f"clip-{p.name}")
+
+    @torch.no_grad()
+    def encode_text(self, sentences: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, N x D (cached per sentence)."""
+        todo = [s for s in dict.fromkeys(sentences) if s not in self._text_cache]
+        if todo:
+            tok = self.tokenizer(todo, padding="max_length", truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                               attention_mask=tok["attention_mask"].to(self.device))
+            emb = out if isinstance(out, torch.Tensor) else out.pooler_output
+            for s, e in zip(todo, F.normalize(emb.float(), dim=-1)):
+                self._text_cache[s] = e
+        return torch.stack([self._text_cache[s] for s in sentences])
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 H x W x C (C = 1 or 3) images of any size -> normalised N x 3 x S x S."""
+        xs = []
+        for im in images:
+            arr = np.asarray(im)
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() / 255.0
+            if t.shape[1] == 1:
+                t = t.expand(-1, 3, -1, -1)
+            xs.append(F.interpolate(t, size=(self.image_size, self.image_size), mode="bilinear",
+                                    align_corners=False, antialias=True))
+        x = torch.cat(xs)
+        return ((x - self.mean) / self.std).to(self.device)
+
+    @torch.no_grad()
+    def embed_image(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global N x D, patches N x g x g x D), both L2-normalised in the joint space."""
+        vm = self.model.vision_model
+        hidden = vm(pixel_values=self.preprocess(images)).last_hidden_state  # N x (1+P) x Dv
+        tokens = self.model.visual_projection(vm.post_layernorm(hidden))
+        tokens = F.normalize(tokens.float(), dim=-1)
+        n = tokens.shape[0]
+        return tokens[:, 0], tokens[:, 1:].reshape(n, self.grid, self.grid, -1)
+
+    @torch.no_grad()
+    def score(self, images: list[np.ndarray], normal: list[list[str]], anomalous: list[list[str]],
+              temperature: float = 0.01) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per image: an anomaly probability map in the image's pixel grid and a global anomaly
+        probability (from the class token). ``normal[i]`` / ``anomalous[i]``: prompts of image i."""
+        glob, patches = self.embed_image(images)
+        maps, glob_p = [], []
+        for i, im in enumerate(images):
+            t_norm = F.normalize(self.encode_text(normal[i]).mean(0), dim=-1)
+            t_anom = F.normalize(self.encode_text(anomalous[i]).mean(0), dim=-1)
+            text = torch.stack([t_norm, t_anom])  # 2 x D
+            p = ((patches[i] @ text.T) / temperature).softmax(-1)[..., 1]  # g x g
+            h, w = np.asarray(im).shape[:2]
+            up = F.interpolate(p[None, None], size=(h, w), mode="bilinear", align_corners=False)
+            maps.append(up[0, 0].cpu().numpy().astype(np.float32))
+            glob_p.append(float(((glob[i] @ text.T) / temperature).softmax(-1)[1]))
+        return maps, np.asarray(glob_p, dtype=np.float32)
