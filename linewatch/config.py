@@ -415,7 +415,8 @@ def load(path: Path | str) -> Config:
 
 
 def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:
-    """Checks that need the file system: the cti file exists, the replay folder exists."""
+    """Checks that need the machine: the cti file exists, the replay folder exists, the engine
+    backend's packages are installed."""
     problems = []
     src = cfg.source
     if isinstance(src, GenicamSource) and not src.cti.is_file():
@@ -433,6 +434,14 @@ def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:
         ln = _line_of(text, ("engine", "weights"))
         problems.append(f"{path}:{ln or '?'}: engine.weights = '{eng.weights}': no CLIP model "
                         f"(config.json) in that folder")
+    backend = getattr(eng, "backend", "torch")
+    if backend != "torch":  # optional packages (tensorrt, pycuda) are looked up, never imported here
+        from .runtime import backend_problem
+
+        problem = backend_problem(backend)
+        if problem:
+            ln = _line_of(text, ("engine", "backend"))
+            problems.append(f"{path}:{ln or '?'}: engine.backend = '{backend}': {problem}")
     return problems
 
 
