@@ -1,0 +1,91 @@
+"""Bad input gets a clear one-line error or a FAULT answer, never a traceback or a hang."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+
+from daemon_harness import answers_per_frame, config, run_daemon
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(tmp_path: Path, toml: str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(toml)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "linewatch", *args, "--config", str(cfg)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def base_toml(tmp_path: Path, store_url: str | None = None, endpoint: str | None = None) -> str:
+    return (f'[source]\nkind = "synthetic"\nwidth = 64\nheight = 64\nn_frames = 4\n'
+            f'[publish]\nendpoint = "{endpoint or f"ipc://{tmp_path}/pub"}"\n'
+            f'control_endpoint = "ipc://{tmp_path}/ctl"\n'
+            f'[store]\nurl = "{store_url or f"sqlite:///{tmp_path}/lw.db"}"\nspool_dir = "{tmp_path}/spool"\n'
+            f'[metrics]\nport = 0\n')
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    final = [ln for ln in proc.stderr.splitlines() if ln.startswith("linewatch: cannot start:")]
+    assert len(final) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in final[0], final[0]
+
+
+def test_database_path_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a folder should be")
+    proc = run_cli(tmp_path, base_toml(tmp_path, store_url=f"sqlite:///{blocker}/lw.db"), "run")
+    assert_one_line_error(proc, str(blocker))
+
+
+def test_zeromq_endpoint_already_bound(tmp_path):
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PUB)
+    port = squatter.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        proc = run_cli(tmp_path, base_toml(tmp_path, endpoint=f"tcp://127.0.0.1:{port}"), "run")
+    finally:
+        squatter.close(linger=0)
+        ctx.term()
+    assert_one_line_error(proc, "publish.endpoint", str(port), "in use")
+
+
+def test_missing_cti_is_refused_before_start(tmp_path):
+    toml = base_toml(tmp_path).replace('kind = "synthetic"\nwidth = 64\nheight = 64\nn_frames = 4\n',
+                                       f'kind = "genicam"\ncti = "{tmp_path}/gone.cti"\n')
+    proc = run_cli(tmp_path, toml, "run")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"{tmp_path}/config.toml:3: source.cti = '{tmp_path}/gone.cti': GenTL producer file not found"]
+
+
+def test_corrupt_image_in_replay_is_a_fault_answer_and_the_rest_is_inspected(tmp_path):
+    folder = tmp_path / "replay"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(90, 140, (96, 96), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    (folder / "03.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing a decoder can use")
+    cfg = config(tmp_path, {"kind": "replay", "path": str(folder), "channels": 1},
+                 ring={"policy": "block", "block_timeout_s": 60.0}, inspect={"deadline_ms": 0},
+                 lots={"part_count": 6})
+    run = run_daemon(cfg)
+    assert answers_per_frame(run.frames()) == {i: 1 for i in range(6)}
+    by_id = {h["frame_id"]: h for h in run.frames()}
+    assert by_id[3]["verdict"] == "FAULT" and "corrupt image" in by_id[3]["reason"]
+    assert all(by_id[i]["verdict"] != "FAULT" for i in (0, 1, 2, 4, 5))
+    faults = [h for t, h, _ in run.messages if t.endswith(".fault")]
+    assert [h["frame_id"] for h in faults] == [3]
+    db = {r["frame_id"]: r for r in run.db_frames()}
+    assert db[3]["verdict"] == "FAULT"

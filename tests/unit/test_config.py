@@ -1,0 +1,91 @@
+"""Config validation: every problem reported at once, one line each, naming file, line, key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from linewatch import config as cfgmod
+from linewatch.cli import main
+from linewatch.configdoc import render_default as render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_is_valid_and_is_the_generated_one():
+    """Guards against config.toml drifting from the models it documents."""
+    cfgmod.load(ROOT / "config.toml")
+    assert (ROOT / "config.toml").read_text() == render(), \
+        "config.toml differs from the models: run `python -m linewatch.configdoc > config.toml`"
+
+
+def test_wrong_type_names_file_line_key_and_value(tmp_path):
+    p = write(tmp_path, '[ring]\nslots = "many"\n')
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    (line,) = ei.value.lines
+    assert line.startswith(f"{p}:2: ring.slots = 'many': ")
+    assert "integer" in line
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    p = write(tmp_path, "[lots]\npart_cont = 5\n")
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert ei.value.lines == [f"{p}:2: lots.part_cont = 5: unknown key (not part of linewatch's config)"]
+
+
+def test_all_errors_at_once_one_line_each(tmp_path):
+    p = write(tmp_path, "[ring]\nslots = 1\npolicy = 'sometimes'\n[lots]\nbogus = true\n"
+                        "[threshold]\nk_mad = -1\n")
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    keys = [ln.split(": ")[1].split(" =")[0] for ln in ei.value.lines]
+    assert sorted(keys) == ["lots.bogus", "ring.policy", "ring.slots", "threshold.k_mad"]
+    assert all("\n" not in ln for ln in ei.value.lines)
+
+
+def test_missing_cti_file_is_a_config_error(tmp_path):
+    p = write(tmp_path, f'[source]\nkind = "genicam"\ncti = "{tmp_path}/nope.cti"\n')
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert ei.value.lines == [f"{p}:3: source.cti = '{tmp_path}/nope.cti': GenTL producer file not found"]
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    p = write(tmp_path, "[ring\n")
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert "not valid TOML" in ei.value.lines[0]
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(tmp_path / "absent.toml")
+    assert "config file not found" in ei.value.lines[0]
+
+
+def test_check_config_exit_codes_and_print(tmp_path, capsys):
+    bad = write(tmp_path, "[ring]\nslots = 'x'\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "ring.slots" in err and "Traceback" not in err
+    assert main(["check-config", str(ROOT / "config.toml")]) == 0
+    assert capsys.readouterr().out.strip().endswith("config.toml: OK")
+    assert main(["check-config", "--print", str(ROOT / "config.toml")]) == 0
+    printed = capsys.readouterr().out
+    assert "[ring]" in printed and "drain_timeout_s = " in printed
+    # the printed effective config is itself a valid config with the same values
+    assert cfgmod.parse(printed) == cfgmod.load(ROOT / "config.toml")
+
+
+def test_reload_diff_names_changed_keys():
+    a = cfgmod.parse("")
+    b = cfgmod.parse("[threshold]\nk_mad = 6.0\n[ring]\nslots = 8\n")
+    assert cfgmod.diff(a, b) == {"threshold": ["k_mad"], "ring": ["slots"]}
+    live = cfgmod.live_fields()
+    assert live["threshold.k_mad"] is True and live["ring.slots"] is False
