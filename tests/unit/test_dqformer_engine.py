@@ -1,0 +1,94 @@
+"""DQFormer engine logic with a recording fake segmenter: prompts per recipe and per image, mask
+passed through (no threshold), size filter, Score = sum s_i * m_i, missing checkpoint refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from linewatch.config import Config, DQFormerEngine as DQCfg, ThresholdConfig
+from linewatch.decision import Threshold
+from linewatch.engines import EngineUnavailable, create_engine
+from linewatch.engines.dqformer import DQFormerEngine
+from linewatch.frames import FrameMeta, Verdict
+from linewatch.inspector import decide
+from linewatch.refer.predict import Prediction
+
+
+class FakeSegmenter:
+    """Returns a fixed square blob (prob 0.8) plus one stray pixel (prob 0.9) for every sentence
+    containing 'crack', nothing otherwise; records the (shape, sentence) pairs it was asked."""
+
+    version = "fake-1"
+
+    def __init__(self):
+        self.calls: list[tuple[tuple[int, ...], str]] = []
+
+    def predict_batch(self, images, sentences):
+        out = []
+        for im, s in zip(images, sentences):
+            self.calls.append((im.shape, s))
+            h, w = im.shape[:2]
+            prob = np.full((h, w), 0.1, np.float32)
+            if "crack" in s:
+                prob[h // 4:h // 2, w // 4:w // 2] = 0.8
+                prob[0, w - 1] = 0.9
+            out.append(Prediction(prob > 0.5, prob))
+        return out
+
+
+def _meta(h, w, recipe="default"):
+    return FrameMeta(frame_id=7, t_capture=0.0, camera="c", height=h, width=w, recipe=recipe)
+
+
+def _cfg(**engine):
+    return Config.model_validate({"engine": {"kind": "dqformer", **engine}}).engine
+
+
+def test_prompts_come_from_recipe_and_image_and_mask_is_final():
+    cfg = _cfg(prompts={"product": "part", "defects": ["any defect"],
+                        "templates": ["{defect} on the {brightness} {product}"],
+                        "min_region_fraction": 0.001},
+               recipes={"tile": {"product": "magnetic tile", "defects": ["a crack", "a thin crack"]}})
+    seg = FakeSegmenter()
+    eng = DQFormerEngine(cfg, segmenter=seg)
+    dark = np.full((80, 120, 1), 15, np.uint8)
+    outs = eng.infer([dark, dark], [_meta(80, 120, "tile"), _meta(80, 120)])
+    assert [s for _, s in seg.calls] == ["a crack on the dark magnetic tile", "a thin crack on the dark magnetic tile",
+                                         "any defect on the dark part"]
+    tile, default = outs
+    # two crack sentences averaged; the 1-pixel blob is below 0.1 % of the frame and dropped
+    assert tile.mask is not None and tile.mask.sum() == 20 * 30 and not tile.mask[0, 119]
+    assert len(tile.regions) == 1 and tile.regions[0].bbox == (30, 20, 60, 40)
+    assert tile.image_score == pytest.approx(0.8)  # one region: s = 0.8, m = 1
+    assert tile.score_map.shape == (80, 120)
+    assert default.mask is not None and not default.mask.any() and default.image_score == 0.0
+
+    thr = Threshold(ThresholdConfig())  # uncalibrated: a thresholded engine would be NOT_INSPECTED
+    assert thr.current() is None
+    assert decide(tile, _meta(80, 120), thr, 16, {"name": "dqformer", "version": "x"}).verdict is Verdict.NG
+    assert decide(default, _meta(80, 120), thr, 16, {"name": "dqformer", "version": "x"}).verdict is Verdict.OK
+
+
+def test_image_tags_can_be_switched_off():
+    eng = DQFormerEngine(_cfg(prompts={"image_tags": False, "templates": ["{defect} on the {texture} {product}"]}),
+                         segmenter=FakeSegmenter())
+    assert eng.sentences(np.zeros((16, 16, 3), np.uint8), "x") == ["any defect on the part"]
+
+
+def test_missing_checkpoint_is_a_one_line_startup_error(tmp_path):
+    cfg = DQCfg(checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(EngineUnavailable) as err:
+        create_engine(cfg)
+    msg = str(err.value)
+    assert "missing.pt" in msg and "\n" not in msg
+
+
+def test_check_config_names_the_missing_checkpoint(tmp_path, capsys):
+    from linewatch.cli import main
+
+    p = tmp_path / "c.toml"
+    p.write_text(f'[engine]\nkind = "dqformer"\ncheckpoint = "{tmp_path / "nope.pt"}"\n')
+    assert main(["check-config", str(p)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "engine.checkpoint" in err[0] and "nope.pt" in err[0]
