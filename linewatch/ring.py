@@ -89,6 +89,7 @@ class FrameRing:
         self.closed = False
         self.drops: collections.Counter[str] = collections.Counter()
         self.frames_in = 0
+        self.blocked_s = 0.0  # time producers waited for a free slot (policy block)
 
     # ------------------------------------------------------------------ producer side
     def put(self, image: np.ndarray, meta: FrameMeta, gt: np.ndarray | None = None) -> Handle | None:
@@ -133,12 +134,14 @@ class FrameRing:
         dropped: FrameMeta | None = None
         with self._cond:
             if not self._free and self.policy is OverflowPolicy.BLOCK:
-                deadline = time.monotonic() + self.block_timeout_s
+                t0 = time.monotonic()
+                deadline = t0 + self.block_timeout_s
                 while not self._free and not self.closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                self.blocked_s += time.monotonic() - t0
             if self.closed:
                 raise RingClosed()
             if self._free:
