@@ -258,6 +258,35 @@ class ClipEngine(Strict):
 EngineConfig = Annotated[Union[ZeroShotEngine, DQFormerEngine, ClipEngine], Field(discriminator="kind")]
 
 
+class RefineConfig(Strict):
+    """AnoRefiner (tier 2): refine each closed lot's zero-shot maps with the ARD trained on an
+    earlier lot, then train the next ARD on this lot (PGT) in a background thread."""
+
+    enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
+                            "Off: tier 2 publishes the coarse whole-lot maps.", default=True)
+    steps: int = restart("Training steps per lot, at most.", default=40, ge=1, le=100000)
+    time_budget_s: float = restart("Wall-clock budget per lot for building samples and training; a "
+                                   "round stops at whichever of steps / budget ends first.",
+                                   default=30.0, gt=0)
+    cpu_share: float = restart("Share of one core the training may take (it sleeps between steps "
+                               "so tier 1 keeps the rest); 1 = no pause.", default=0.5, gt=0, le=1)
+    pseudo_normal_fraction: float = restart(
+        "Share of each lot, lowest zero-shot image scores first, used as normal frames for PGT.",
+        default=0.6, gt=0, le=1)
+    min_pseudo_normals: int = restart("A lot with fewer pseudo-normal frames is not trained on.",
+                                      default=2, ge=1)
+    samples_per_lot: int = restart("Synthetic-anomaly training samples built per lot.", default=16,
+                                   ge=1, le=4096)
+    references: int = restart("Frames each training sample is mutually scored against.", default=6,
+                              ge=1, le=256)
+    batch_size: int = restart("Crops per training step.", default=8, ge=1, le=256)
+    crop_px: int = restart("Side of the square training crops, in working-geometry pixels.",
+                           default=128, ge=32, le=2048)
+    lr: float = restart("Adam learning rate.", default=2e-3, gt=0)
+    width: int = restart("Channels of the decoder at the patch scale.", default=24, ge=4, le=256)
+    seed: int = restart("Random seed of the synthesis and training.", default=0)
+
+
 class InspectConfig(Strict):
     batch_size: int = restart("Frames per engine call, at most.", default=4, ge=1, le=256)
     batch_wait_ms: float = restart("Wait at most this long for a batch to fill.", default=5.0, ge=0)
@@ -314,6 +343,8 @@ class Config(Strict):
     ring: RingConfig = Field(default_factory=RingConfig, description="The frame ring.")
     lots: LotsConfig = Field(default_factory=LotsConfig, description="Lot grouping.")
     engine: EngineConfig = Field(default_factory=ZeroShotEngine, description="Inspection engine.")
+    refine: RefineConfig = Field(default_factory=RefineConfig,
+                                 description="AnoRefiner: tier-2 refinement and test-time training.")
     inspect: InspectConfig = Field(default_factory=InspectConfig, description="Batching and deadline.")
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig, description="OK/NG decision.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="ZeroMQ sockets.")

@@ -196,6 +196,9 @@ class Daemon:
         try:
             engine = create_engine(cfg.engine)
             engine.warmup(src.height, src.width, src.channels)
+            if cfg.refine.enabled and hasattr(engine, "enable_refinement"):
+                # tier-2 AnoRefiner; each ARD version is recorded with the lot it was trained on
+                engine.enable_refinement(cfg.refine, on_model=self.store.register_model)
         except (EngineUnavailable, FileNotFoundError) as exc:
             raise StartupError(f"engine ({cfg.engine.kind}): {exc}") from None
         logger.info("engine %s %s warmed up for %dx%dx%d", engine.name, engine.version, src.width,
@@ -355,7 +358,7 @@ class Daemon:
             if "source" in changed or "ring" in changed:
                 self._restart_source(new)
                 restarted.append("source")
-            if "engine" in changed:
+            if "engine" in changed or "refine" in changed:
                 engine = self._make_engine(new, self.source)
                 self.inspector.swap_engine(engine)
                 self.store.register_model(engine.name, engine.version, "engine",
@@ -386,7 +389,7 @@ class Daemon:
         self.publisher.heartbeat_s = merged.publish.heartbeat_s
         logging.getLogger("linewatch").setLevel(merged.daemon.log_level)
         applied = [f"{s}.{k}" for s, ks in changed.items() for k in ks
-                   if f"{s}.{k}" not in needs_restart and s not in ("source", "ring", "engine")]
+                   if f"{s}.{k}" not in needs_restart and s not in ("source", "ring", "engine", "refine")]
         self.reloads["ok"] += 1
         self.last_reload_error = ""
         if needs_restart:

@@ -8,7 +8,13 @@ Methods:
   each patch scored by the mean of its 30 % smallest nearest-patch distances to the other images
   of the lot, bilinear upsampling, image score = map maximum;
 - ``coarse``: the engine's tier-2 (whole-lot) maps from ``lot_closed``;
-- ``tier1``: the engine's streaming maps from ``infer``.
+- ``tier1``: the engine's streaming maps from ``infer``;
+- ``refined``: the daemon's tier 2 with AnoRefiner (config ``[refine]``): each lot's coarse maps
+  refined by the ARD trained (PGT) on the previous lot. The evaluation waits for each PGT round
+  to finish before the next lot (the daemon uses whatever ARD is ready). ``--contaminate F`` makes
+  a share F of every lot's pseudo-normal frames defective (chosen from the ground truth) to check
+  that PGT tolerates defective "normal" frames. With ``refined``, ``coarse`` comes from the same
+  engine pass.
 
 Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases and index.html to
 ``--out``. Pixel metrics are binned (see ``linewatch.metrics``).
@@ -34,7 +40,7 @@ from .models.backbone import preprocess, resize_uint8
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("floor", "coarse", "tier1")
+METHODS = ("floor", "coarse", "tier1", "refined")
 FLOOR_SIZE = 256
 FLOOR_TOPK = 0.3
 METRIC_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1max", "image_auroc", "image_ap", "image_f1max")
@@ -92,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--gallery", type=int, default=4, help="best and worst cases shown per method")
+    parser.add_argument("--contaminate", type=float, default=None,
+                        help="refined: make this share of each lot's pseudo-normal frames defective "
+                             "(from the ground truth); default: the zero-shot choice as in the daemon")
 
 
 def _lots(args, samples: list[ds.Sample]) -> list[list[ds.Sample]]:
@@ -111,9 +120,46 @@ def _engine_config(path: Path | None):
     return cfg.engine, cfg.inspect.batch_size
 
 
+def _refine_config(path: Path | None):
+    from . import config as cfgmod
+
+    return cfgmod.RefineConfig() if path is None else cfgmod.load(path).refine
+
+
+class ContaminatingSelector:
+    """Pseudo-normal choice for ``--contaminate``: as many frames as the daemon would pick, of which
+    a share ``fraction`` (stochastically rounded per lot, at most the lot's defective frames) are
+    defective frames drawn at random; the rest are the lowest-scored of the others."""
+
+    def __init__(self, fraction: float, min_count: int, seed: int = 0):
+        self.fraction = float(fraction)
+        self.min_count = int(min_count)
+        self.labels: dict[str, list[bool]] = {}  # lot id -> defective flags, set by the evaluation
+        self.rng = np.random.default_rng(seed)
+        self.picked = 0
+        self.picked_defective = 0
+
+    def __call__(self, lot_id: str, image_scores, fraction: float) -> list[int]:
+        from .refine.pseudo import select_pseudo_normals
+
+        labels = self.labels[lot_id]
+        k = len(select_pseudo_normals(image_scores, fraction, self.min_count))
+        want = self.fraction * k
+        n_bad = int(want) + int(self.rng.random() < want - int(want))
+        bad = [i for i, d in enumerate(labels) if d]
+        chosen = [int(i) for i in self.rng.permutation(bad)[:n_bad]]
+        rest = [i for i in np.argsort(np.asarray(image_scores), kind="stable") if int(i) not in chosen]
+        chosen += [int(i) for i in rest[:k - len(chosen)]]
+        self.picked += len(chosen)
+        self.picked_defective += sum(labels[i] for i in chosen)
+        return chosen
+
+
 def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_size: int = 4,
-             progress: bool = True) -> tuple[dict[str, MethodResult], list[ds.Sample], list[np.ndarray]]:
-    """Run the lots through the methods; returns results, the samples and their GT masks in order."""
+             progress: bool = True, refine_cfg=None, contaminate: float | None = None,
+             info: dict | None = None) -> tuple[dict[str, MethodResult], list[ds.Sample], list[np.ndarray]]:
+    """Run the lots through the methods; returns results, the samples and their GT masks in order.
+    ``info`` (a dict), when given, receives facts about the run (PGT rounds, pseudo-normal purity)."""
     from tqdm import tqdm
 
     from .engines.zeroshot import ZeroShotEngine
@@ -121,7 +167,17 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
 
     results = {m: MethodResult(m) for m in methods}
     floor = FloorBaseline(engine_cfg.threads) if "floor" in methods else None
-    engine = ZeroShotEngine(engine_cfg) if ("coarse" in methods or "tier1" in methods) else None
+    engine = ZeroShotEngine(engine_cfg) if {"coarse", "tier1", "refined"} & set(methods) else None
+    selector = None
+    if engine is not None and "refined" in methods:
+        from . import config as cfgmod
+
+        refine_cfg = refine_cfg or cfgmod.RefineConfig()
+        if contaminate is not None:
+            selector = ContaminatingSelector(contaminate, refine_cfg.min_pseudo_normals, refine_cfg.seed)
+        engine.enable_refinement(refine_cfg, selector=selector)
+    lot_labels: dict[str, list[bool]] = {}
+    pgt_seconds = 0.0
     order: list[ds.Sample] = []
     masks: list[np.ndarray] = []
     frame_id = 0
@@ -138,6 +194,9 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
             results["floor"].seconds += time.perf_counter() - t0
         if engine is not None:
             lot_id = f"lot{k}"
+            lot_labels[lot_id] = [s.defective for s in lot]
+            if selector is not None:
+                selector.labels[lot_id] = lot_labels[lot_id]
             ids = []
             t0 = time.perf_counter()
             for s in range(0, len(images), batch_size):
@@ -154,18 +213,36 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
             t1 = time.perf_counter()
             tier2 = engine.lot_closed(lot_id)
             t2 = time.perf_counter()
+            coarse = engine.last_coarse if engine.refiner is not None else tier2
+            if engine.refiner is not None:
+                engine.refiner.wait_idle()  # lot k+1 is refined by the ARD trained on lot k
+                pgt_seconds += time.perf_counter() - t2
             if "tier1" in results:
                 results["tier1"].seconds += t1 - t0
+            missing = [i for i in ids if i not in tier2 or i not in coarse]
+            if missing:
+                raise RuntimeError(f"lot {lot_id}: no tier-2 output for frames {missing[:5]}")
             if "coarse" in results:
                 results["coarse"].seconds += (t1 - t0) + (t2 - t1)
-                missing = [i for i in ids if i not in tier2]
-                if missing:
-                    raise RuntimeError(f"lot {lot_id}: no tier-2 output for frames {missing[:5]}")
                 for i in ids:
-                    results["coarse"].maps.append(tier2[i].score_map.astype(np.float16))
-                    results["coarse"].scores.append(tier2[i].image_score)
+                    results["coarse"].maps.append(coarse[i].score_map.astype(np.float16))
+                    results["coarse"].scores.append(coarse[i].image_score)
+            if "refined" in results:
+                results["refined"].seconds += time.perf_counter() - t0
+                for i in ids:
+                    results["refined"].maps.append(tier2[i].score_map.astype(np.float16))
+                    results["refined"].scores.append(tier2[i].image_score)
         bar.update(len(lot))
     bar.close()
+    if engine is not None and engine.refiner is not None:
+        r = engine.refiner
+        used = [lot_labels[lid][i] for lid, idx in r.pseudo_normals.items() for i in idx]
+        if info is not None:
+            info.update({"pgt_rounds": r.trained, "pgt_failed": r.failed, "pgt_seconds": round(pgt_seconds, 1),
+                         "pseudo_normal_defective_share": round(float(np.mean(used)), 4) if used else None,
+                         "pseudo_normals_seen": len(used), "contaminate": contaminate,
+                         "last_round": r.last_report})
+        engine.close()
     labels = np.array([s.defective for s in order])
     for r in results.values():
         lo = float(min(m.min() for m in r.maps))
@@ -296,11 +373,16 @@ def run(args) -> int:
         print("no lots formed from the data")
         return 2
     engine_cfg, batch_size = _engine_config(args.config)
+    refine_cfg = _refine_config(args.config)
     out = args.out or Path("reports") / Path(args.data).name
     out.mkdir(parents=True, exist_ok=True)
     n_images = sum(len(lot) for lot in lots)
     print(f"{len(lots)} lots, {n_images} images, methods {methods}, engine {engine_cfg.model_dump(mode='json')}")
-    results, order, masks = evaluate(lots, methods, engine_cfg, batch_size)
+    info: dict = {}
+    t_start = time.perf_counter()
+    results, order, masks = evaluate(lots, methods, engine_cfg, batch_size, refine_cfg=refine_cfg,
+                                     contaminate=args.contaminate, info=info)
+    info["wall_s"] = round(time.perf_counter() - t_start, 1)
     labels = np.array([s.defective for s in order])
     table = metrics_table(results)
     title = f"linewatch eval: {args.data} ({len(lots)} lots, {n_images} images, lots={args.lots})"
@@ -310,11 +392,14 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps({
         "data": str(args.data), "lots": args.lots, "n_lots": len(lots), "n_images": n_images,
         "engine": engine_cfg.model_dump(mode="json"), "batch_size": batch_size,
+        "refine": refine_cfg.model_dump(mode="json") if "refined" in methods else None, "run": info,
         "methods": {r.name: r.metrics for r in results.values()}}, indent=2), encoding="utf-8")
     _pr_plot(results, labels, out / "pr_curve.png")
     cases = _gallery(results, order, masks, out, args.gallery)
     _index_html(out, title, table, results, cases)
     print(table)
+    if info:
+        print("run:", json.dumps({k: v for k, v in info.items() if k != "last_round"}))
     print(f"report written to {out}/index.html")
     return 0
 

@@ -259,6 +259,8 @@ class LotCloser:
             logger.exception("tier 2 failed for lot %s", ev.lot_id)
             self.publish_lot(ev, [], {**counts, "tier2": f"FAULT: {type(exc).__name__}: {exc}"})
             return
+        # an engine that refines tier 2 with another model (the AnoRefiner ARD) names it per lot
+        model = getattr(engine, "last_tier2_model", None) or model
         by_id = {m.frame_id: m for m in metas}
         for fid in outs:
             if fid in by_id:

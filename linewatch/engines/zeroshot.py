@@ -340,7 +340,7 @@ class ZeroShotEngine:
         self.last_coarse = coarse
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
-                              [coarse[e.frame_id].image_score for e in entries], scale))
+                              [e.ref for e in entries], [coarse[e.frame_id].image_score for e in entries], scale))
         return out
 
     def close(self) -> None:

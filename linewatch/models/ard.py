@@ -1,0 +1,134 @@
+"""AnoRefiner's Anomaly Refinement Decoder (ARD): backbone features + coarse score grid -> pixel map.
+
+Inputs, for a batch of frames resized to H x W (multiples of 8, the engine's working geometry):
+- ``image``: normalised float32 N x 3 x H x W (``linewatch.models.backbone.preprocess``);
+- ``feat``: the engine's patch features N x C x H/8 x W/8;
+- ``coarse``: the zero-shot patch scores N x 1 x H/8 x W/8, normalised per lot (``normalise_grid``)
+  so that the decoder sees the same units whatever the product.
+
+Structure (small enough to train on a CPU in seconds, following the AnoRefiner paper's parts):
+1. anomaly attention: features are projected and re-weighted by an attention map computed from
+   the coarse scores (``F * (1 + sigmoid(conv(z)))``), so features where the zero-shot model sees
+   something are amplified;
+2. a bidirectional interaction block at 1/8: the feature branch is gated by the score branch and
+   the score branch is updated from the features (both directions, residual);
+3. refinement blocks while upsampling 1/8 -> 1/4 -> 1/2 -> 1, each fed with a light image stem at
+   its scale (pixel detail the patch grid lacks) and the upsampled coarse scores;
+4. output: a logit map ``up(z) + beta + delta``: the coarse map is a fixed skip and the decoder
+   learns the correction ``delta`` (sharper edges, suppressed false alarms, boosted misses). The
+   head starts at zero, so an untrained ARD returns the normalised, upsampled coarse map; the
+   skip is not learned, so training on synthetic anomalies cannot make the decoder forget what
+   the zero-shot scores know about real ones.
+
+No batch norm (a test-time-trained decoder sees tiny batches; train and eval behave the same).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+GRID_STRIDE = 8  # the coarse grid and the features are at 1/8 of the ARD input
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.1, inplace=True))
+
+
+class AnomalyAttention(nn.Module):
+    """Re-weights projected features by an attention map computed from the coarse scores."""
+
+    def __init__(self, feat_dim: int, width: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(feat_dim, width, 1), nn.LeakyReLU(0.1, inplace=True))
+        self.att = nn.Sequential(nn.Conv2d(1, width // 2, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
+                                 nn.Conv2d(width // 2, width, 1))
+
+    def forward(self, feat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(feat) * (1.0 + torch.sigmoid(self.att(z)))
+
+
+class BidirectionalInteraction(nn.Module):
+    """Feature branch <-> score branch exchange at the patch scale (both residual)."""
+
+    def __init__(self, width: int, score_width: int):
+        super().__init__()
+        self.score_in = _conv(1, score_width)
+        self.gate = nn.Conv2d(score_width, width, 3, padding=1)
+        self.f_update = _conv(width + score_width, width)
+        self.s_update = _conv(width + score_width, score_width)
+
+    def forward(self, f: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.score_in(z)
+        f = f + self.f_update(torch.cat([f, s], 1)) * torch.sigmoid(self.gate(s))  # scores -> features
+        s = s + self.s_update(torch.cat([f, s], 1))  # features -> scores
+        return f, s
+
+
+class RefineBlock(nn.Module):
+    """Upsample x2, concatenate the skip inputs, two 3x3 convolutions."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv(cin, cout), _conv(cout, cout))
+
+    def forward(self, x: torch.Tensor, *skips: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skips[0].shape[-2:], mode="bilinear", align_corners=False)
+        return self.body(torch.cat([x, *skips], 1))
+
+
+class ARD(nn.Module):
+    """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W logits."""
+
+    def __init__(self, feat_dim: int, width: int = 24):
+        super().__init__()
+        self.feat_dim = int(feat_dim)
+        self.width = int(width)
+        sw = max(4, width // 3)
+        self.attention = AnomalyAttention(feat_dim, width)
+        self.interact = BidirectionalInteraction(width, sw)
+        self.stem2 = _conv(3, 8, stride=2)  # image detail at 1/2
+        self.stem4 = _conv(8, 16, stride=2)  # and at 1/4
+        self.up4 = RefineBlock(width + sw + 16 + 1, width)
+        self.up2 = RefineBlock(width + 8 + 1, 16)
+        self.up1 = RefineBlock(16 + 3 + 1, 8)
+        self.head = nn.Conv2d(8, 1, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.beta = nn.Parameter(torch.zeros(()))
+
+    def forward(self, image: torch.Tensor, feat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        if feat.shape[-2:] != z.shape[-2:] or (h // GRID_STRIDE, w // GRID_STRIDE) != tuple(z.shape[-2:]):
+            raise ValueError(f"ARD inputs disagree: image {tuple(image.shape)}, features {tuple(feat.shape)}, "
+                             f"scores {tuple(z.shape)} (grids must be 1/{GRID_STRIDE} of the image)")
+        f, s = self.interact(self.attention(feat, z), z)
+        i2 = self.stem2(image)
+        i4 = self.stem4(i2)
+        z4 = F.interpolate(z, size=i4.shape[-2:], mode="bilinear", align_corners=False)
+        z2 = F.interpolate(z, size=i2.shape[-2:], mode="bilinear", align_corners=False)
+        z1 = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
+        x = self.up4(torch.cat([f, s], 1), i4, z4)
+        x = self.up2(x, i2, z2)
+        x = self.up1(x, image, z1)
+        return z1 + self.beta + self.head(x)
+
+
+# ------------------------------------------------------------------------------ score units
+def grid_scale(grids: list[torch.Tensor]) -> float:
+    """The lot's score scale: the median over its grids of (99th - 50th percentile) of each grid.
+    A robust unit: a few defective frames barely move it."""
+    spans = []
+    for g in grids:
+        q = torch.quantile(g.float().reshape(-1), torch.tensor([0.5, 0.99]))
+        spans.append(float(q[1] - q[0]))
+    return max(float(np.median(spans)), 1e-6)
+
+
+def normalise_grid(grid: torch.Tensor, scale: float) -> torch.Tensor:
+    """h x w patch scores -> units of the lot scale above the grid's own median (so the number of
+    references a score was computed with, which shifts all distances, does not matter)."""
+    g = grid.float()
+    return (g - g.reshape(-1).median()) / scale

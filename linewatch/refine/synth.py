@@ -1,0 +1,97 @@
+"""PGT training samples: pseudo-normal frames with synthetic anomalies, scored as at test time.
+
+Each sample is a pseudo-normal frame (in the engine's working geometry) into which a noise-shaped
+anomaly is pasted (``linewatch.acquire.defects.paste_noise_anomaly``: a Perlin mask filled with
+another frame of the lot, flipped, or with fractal-noise texture, after a random intensity
+change). Its backbone features come from the engine's own extractor and its coarse scores from
+the same mutual scoring as tier 2 (against other frames of the lot), normalised with the lot's
+scale, so the decoder trains on exactly the kind of input it refines. A share of the samples keep
+no anomaly, so the decoder also learns to leave normal surfaces alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..acquire.defects import paste_noise_anomaly, perlin_mask
+from ..models import zeroshot as zs
+from ..models.ard import normalise_grid
+
+# ``extract(images)``: uint8 H x W x C frames -> C x H/8 x W/8 feature tensors (the engine's)
+Extract = Callable[[Sequence[np.ndarray]], list[torch.Tensor]]
+
+MASK_AREA = (0.002, 0.06)  # pasted anomaly area, as a fraction of the frame
+FEATURE_BATCH = 4
+
+
+@dataclass(slots=True)
+class Sample:
+    """One training sample: the frame (uint8 H x W x C), its features (C x H/8 x W/8), its
+    normalised coarse scores (H/8 x W/8) and the anomaly mask (bool H x W, empty for a normal one)."""
+
+    image: np.ndarray
+    feat: torch.Tensor
+    z: torch.Tensor
+    mask: np.ndarray
+
+
+def _source_for(images: Sequence[np.ndarray], i: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Foreign texture for frame ``i``: another frame of the lot, flipped, or None (fractal noise)."""
+    h, w = images[i].shape[:2]
+    others = [j for j in range(len(images)) if j != i and images[j].shape[:2] == (h, w)]
+    if not others or rng.random() < 0.5:
+        return None
+    src = images[int(rng.choice(others))]
+    if rng.random() < 0.5:
+        src = src[::-1]
+    if rng.random() < 0.5:
+        src = src[:, ::-1]
+    return np.ascontiguousarray(src)
+
+
+def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
+                 normals: Sequence[int], scale: float, n_samples: int, extract: Extract, topk_fraction: float,
+                 rng: np.random.Generator, references: int = 6, normal_share: float = 0.2) -> list[Sample]:
+    """``n_samples`` training samples built on the frames ``normals`` of a lot.
+
+    ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
+    reference patches as computed at tier 1); each sample's coarse scores use the subsampled
+    patches of up to ``references`` other frames of the lot (four times cheaper than full grids;
+    the per-grid median in ``normalise_grid`` absorbs the offset that subsampling adds).
+    """
+    if not normals:
+        return []
+    picks = [int(normals[k % len(normals)]) for k in range(n_samples)]
+    rng.shuffle(picks)
+    frames, masks = [], []
+    for i in picks:
+        img = images[i]
+        if rng.random() < normal_share:
+            frames.append(img)
+            masks.append(np.zeros(img.shape[:2], dtype=bool))
+            continue
+        h, w = img.shape[:2]
+        mask = perlin_mask(rng, h, w, threshold=float(rng.uniform(0.35, 0.6)),
+                           min_area_frac=MASK_AREA[0], max_area_frac=MASK_AREA[1])
+        out, mask = paste_noise_anomaly(img, rng, source=_source_for(images, i, rng), mask=mask)
+        frames.append(out)
+        masks.append(mask)
+    syn_feats: list[torch.Tensor] = []
+    for s in range(0, len(frames), FEATURE_BATCH):
+        syn_feats.extend(extract(frames[s:s + FEATURE_BATCH]))
+    samples = []
+    for i, img, f, m in zip(picks, frames, syn_feats, masks):
+        others = [j for j in range(len(feats)) if j != i]
+        if len(others) > references:
+            others = [int(j) for j in rng.choice(others, references, replace=False)]
+        if others:
+            s = zs.mutual_scores(zs.flat_patches(f), [refs[j] for j in others], topk_fraction)
+            grid = s.reshape(f.shape[1:])
+        else:
+            grid = zs.self_scores(f)
+        samples.append(Sample(img, f, normalise_grid(grid, scale), m))
+    return samples

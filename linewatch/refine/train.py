@@ -1,0 +1,105 @@
+"""The ARD training loop of PGT: random crops of the samples, focal + dice loss, step/time budget."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..models.ard import ARD, GRID_STRIDE
+from ..models.backbone import preprocess
+from .synth import Sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TrainReport:
+    """What one PGT round did."""
+
+    steps: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+    stopped_by: str  # "steps" | "time" | "stop"
+
+
+def _crop(sample: Sample, crop_px: int, rng: np.random.Generator, on_anomaly: bool):
+    """A crop (multiple of the grid stride) of one sample: image, features, scores, mask tensors."""
+    h, w = sample.image.shape[:2]
+    ch, cw = min(crop_px, h) // GRID_STRIDE, min(crop_px, w) // GRID_STRIDE
+    gh, gw = h // GRID_STRIDE, w // GRID_STRIDE
+    if on_anomaly and sample.mask.any():
+        ys, xs = np.nonzero(sample.mask)
+        k = int(rng.integers(len(ys)))
+        cy = int(np.clip(ys[k] // GRID_STRIDE - int(rng.integers(ch)), 0, gh - ch))
+        cx = int(np.clip(xs[k] // GRID_STRIDE - int(rng.integers(cw)), 0, gw - cw))
+    else:
+        cy, cx = int(rng.integers(gh - ch + 1)), int(rng.integers(gw - cw + 1))
+    py, px, ph, pw = cy * GRID_STRIDE, cx * GRID_STRIDE, ch * GRID_STRIDE, cw * GRID_STRIDE
+    img = sample.image[py:py + ph, px:px + pw]
+    feat = sample.feat[:, cy:cy + ch, cx:cx + cw]
+    z = sample.z[cy:cy + ch, cx:cx + cw]
+    mask = sample.mask[py:py + ph, px:px + pw]
+    if rng.random() < 0.5:  # horizontal flip
+        img, feat, z, mask = img[:, ::-1], feat.flip(-1), z.flip(-1), mask[:, ::-1]
+    return (np.ascontiguousarray(img), feat, z, torch.from_numpy(np.ascontiguousarray(mask)))
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (the anomaly is a small share of the pixels) plus soft dice."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    pt = p * target + (1 - p) * (1 - target)
+    focal = ((1 - pt) ** gamma * bce).mean()
+    inter = (p * target).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+    return focal * 10.0 + dice
+
+
+def train_ard(ard: ARD, samples: Sequence[Sample], steps: int, time_budget_s: float, rng: np.random.Generator,
+              batch_size: int = 8, crop_px: int = 128, lr: float = 2e-3, cpu_share: float = 1.0,
+              should_stop: Callable[[], bool] = lambda: False) -> TrainReport:
+    """Train ``ard`` in place on crops of ``samples`` for ``steps`` steps or ``time_budget_s``
+    seconds, whichever ends first. ``cpu_share`` < 1 sleeps after each step so that training
+    takes about that share of one core's time (the daemon's tier 1 keeps the rest)."""
+    ard.train()
+    opt = torch.optim.Adam(ard.parameters(), lr=lr)
+    t0 = time.monotonic()
+    first = last = float("nan")
+    done, why = 0, "steps"
+    # crops from different samples may differ in size only when a frame is smaller than crop_px
+    min_h = min(s.image.shape[0] for s in samples)
+    min_w = min(s.image.shape[1] for s in samples)
+    crop = max(GRID_STRIDE * 2, min(crop_px, min_h, min_w) // GRID_STRIDE * GRID_STRIDE)
+    for step in range(steps):
+        if should_stop():
+            why = "stop"
+            break
+        if time.monotonic() - t0 > time_budget_s:
+            why = "time"
+            break
+        ts = time.monotonic()
+        idx = rng.integers(len(samples), size=batch_size)
+        parts = [_crop(samples[int(i)], crop, rng, on_anomaly=rng.random() < 0.7) for i in idx]
+        img = preprocess(np.stack([p[0] for p in parts]))
+        feat = torch.stack([p[1] for p in parts])
+        z = torch.stack([p[2] for p in parts])[:, None]
+        target = torch.stack([p[3] for p in parts])[:, None].float()
+        loss = _loss(ard(img, feat, z), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = float(loss.detach())
+        if step == 0:
+            first = last
+        done += 1
+        if cpu_share < 1.0:
+            time.sleep((time.monotonic() - ts) * (1.0 / max(cpu_share, 0.05) - 1.0))
+    ard.eval()
+    return TrainReport(done, time.monotonic() - t0, first, last, why)
