@@ -62,6 +62,9 @@ class ControlServer:
             out = fn(args)
         except (ValueError, KeyError, RuntimeError) as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the control thread must answer and live on
+            logger.exception("control: %r failed", text)
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         return {"ok": True, **out}
 
     def _run(self) -> None:

@@ -43,6 +43,7 @@ class Run:
     daemon: Daemon
     messages: list[tuple[str, dict[str, Any], bytes | None]] = field(default_factory=list)
     rc: int | None = None
+    observed: Any = None
     error: BaseException | None = None
 
     def frames(self, tier: int = 1) -> list[dict[str, Any]]:
@@ -67,8 +68,9 @@ def answers_per_frame(rows: list[dict[str, Any]]) -> Counter:
 
 
 def run_daemon(cfg: Config, *, stop_after_s: float | None = None, timeout_s: float = 240.0,
-               exit_at_source_end: bool = True) -> Run:
-    """Run the daemon to its end (source end, or ``stop_after_s`` after READY) and collect."""
+               exit_at_source_end: bool = True, while_running=None) -> Run:
+    """Run the daemon to its end (source end, or ``stop_after_s`` after READY) and collect.
+    ``while_running(daemon)`` is called once (on the test thread) shortly after READY."""
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
@@ -94,6 +96,9 @@ def run_daemon(cfg: Config, *, stop_after_s: float | None = None, timeout_s: flo
         while time.monotonic() < t_end:
             if stop_after_s is not None and stop_at is None and daemon.ready.is_set():
                 stop_at = time.monotonic() + stop_after_s
+            if while_running is not None and daemon.ready.is_set():
+                run.observed = while_running(daemon)
+                while_running = None
             if stop_at is not None and time.monotonic() >= stop_at:
                 daemon.request_stop()
                 stop_at = float("inf")

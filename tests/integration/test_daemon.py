@@ -5,10 +5,13 @@ when the line outruns the inspector and frames are dropped."""
 
 from __future__ import annotations
 
-import numpy as np
+import io
+import socket
+import time
+import urllib.request
+
 import pytest
 from PIL import Image
-import io
 
 from linewatch.acquire.genicam import find_simulated_cti
 from linewatch.store import query
@@ -91,3 +94,23 @@ def test_genicam_camera_every_frame_id_answered_once(tmp_path, slots, policy):
     assert {"OK", "NG"} & set(verdicts)
     if policy == "drop_newest":
         assert verdicts.count("NOT_INSPECTED") > 0
+
+
+def test_prometheus_metrics_are_served_while_running(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(tmp_path, {**SMALL, "fps": 30}, metrics={"port": port})
+
+    def scrape(_daemon) -> str:
+        time.sleep(1.0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    run = run_daemon(cfg, stop_after_s=2.0, exit_at_source_end=False, while_running=scrape)
+    text = run.observed
+    for name in ("linewatch_frames_in_total", "linewatch_results_total", "linewatch_capture_to_publish_seconds_bucket",
+                 "linewatch_queue_depth", "linewatch_lots_total", "linewatch_source_connected"):
+        assert name in text, f"{name} missing from /metrics"
+    frames_in = [ln for ln in text.splitlines() if ln.startswith("linewatch_frames_in_total")]
+    assert float(frames_in[0].split()[-1]) > 0
