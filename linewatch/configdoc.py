@@ -10,7 +10,8 @@ import textwrap
 
 from pydantic import BaseModel
 
-from .config import Config, GenicamSource, ReplaySource, _toml_value
+from .config import (ClipEngine, Config, DQFormerEngine, GenicamSource, RecipePrompts, ReplaySource,
+                     _toml_value)
 
 HEADER = """\
 # linewatch configuration.
@@ -28,6 +29,14 @@ ALTERNATIVE_SOURCES = {
     "genicam": GenicamSource(cti="/opt/mvIMPACT_Acquire/lib/x86_64/mvGenTLProducer.cti",  # type: ignore[arg-type]
                              nodes={"Width": 1280, "Height": 1024, "PixelFormat": "Mono8",
                                     "ExposureTime": 2000.0, "TriggerMode": "On"}),
+}
+
+
+ALTERNATIVE_ENGINES = {
+    "dqformer (referring segmentation, outputs a mask: no threshold)": DQFormerEngine(
+        checkpoint="var/dqformer/mt256/last.pt",  # type: ignore[arg-type]
+        recipes={"tile_a": RecipePrompts(product="magnetic tile", defects=["a crack", "a blowhole"])}),
+    "clip (needs the 'clip' extra and a local CLIP folder)": ClipEngine(),
 }
 
 
@@ -77,6 +86,11 @@ def render_default() -> str:
                 lines.append("")
                 lines += _section("source", alt, commented=True,
                                   doc=f"Alternative: a {kind} source (replace the [source] table above).")
+        if name == "engine":
+            for kind, alt in ALTERNATIVE_ENGINES.items():
+                lines.append("")
+                lines += _section("engine", alt, commented=True,
+                                  doc=f"Alternative: the {kind} engine (replace the [engine] table above).")
     return "\n".join(lines) + "\n"
 
 

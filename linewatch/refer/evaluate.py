@@ -11,7 +11,8 @@ sentence of the next kind in sorted order). Reported, each at the model's input 
 - on defect-free test images with the universal prompt: ``good_fp_rate`` (share with any
   predicted pixel) and ``good_area`` (mean predicted area share).
 
-``linewatch eval dqformer --ckpt <file> --data <json|name>`` prints these as JSON.
+``linewatch train eval --ckpt <file> --data <json|name> [--figure out.png]`` (or
+``python -m linewatch.refer.evaluate ...``) prints these as JSON.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the metrics here")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also draw own / wrong-kind / universal sentence masks to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
     print(out)
     if args.json_out:
         args.json_out.write_text(out, encoding="utf-8")
+    if getattr(args, "figure", None):
+        from .figure import sentence_figure
+
+        sentence_figure(model, text, items, doc["kind_sentences"], args.figure, metrics=metrics,
+                        device=args.device)
+        print(f"figure: {args.figure}", file=sys.stderr)
     return 0
 
 

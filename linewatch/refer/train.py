@@ -257,7 +257,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The whole ``linewatch train`` command: subcommands ``dqformer`` and ``build-refer``."""
+    """The whole ``linewatch train`` command: subcommands ``dqformer``, ``build-refer``, ``eval``."""
     sub = parser.add_subparsers(dest="train_cmd", required=True)
     s = sub.add_parser("dqformer", help="train the DQFormer referring segmenter")
     add_arguments(s)
@@ -265,6 +265,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     s = sub.add_parser("build-refer", help="build a referring data JSON (magnetic_tile, kolektorsdd, synthetic)")
     add_build_arguments(s)
     s.set_defaults(train_fn=run_build)
+    from . import evaluate as revaluate
+
+    s = sub.add_parser("eval", help="evaluate a DQFormer checkpoint on a referring split (mIoU, "
+                                    "precision@k, wrong-kind sentence test), optionally draw the figure")
+    revaluate.add_arguments(s)
+    s.set_defaults(train_fn=revaluate.run)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -92,3 +92,22 @@ def test_check_config_names_the_missing_checkpoint(tmp_path, capsys):
     assert main(["check-config", str(p)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "engine.checkpoint" in err[0] and "nope.pt" in err[0]
+
+
+def test_documented_alternative_engine_blocks_parse_when_uncommented(tmp_path):
+    """Guards against a config.toml example that a line engineer cannot use as written."""
+    from linewatch.configdoc import render_default
+
+    text = render_default()
+    for kind in ("dqformer", "clip"):
+        start = text.index(f"# Alternative: the {kind}")
+        block = text[start:text.index("\n\n", start)].splitlines()
+        keep = [ln for ln in block if (ln.startswith("# [") and ln.endswith("]")) or " = " in ln]
+        body = "\n".join(ln[2:] for ln in keep)
+        ckpt = tmp_path / "last.pt"
+        ckpt.write_bytes(b"")
+        body = body.replace('"var/dqformer/mt256/last.pt"', f'"{ckpt}"')
+        eng = Config.model_validate(__import__("tomllib").loads(body)).engine
+        assert eng.kind == kind
+        if kind == "dqformer":
+            assert eng.recipes["tile_a"].apply(eng.prompts).product == "magnetic tile"
