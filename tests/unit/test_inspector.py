@@ -1,0 +1,128 @@
+"""The inspector never fails open: engine errors, wrong answers, NaN scores and deadline overruns
+are FAULT; an uncalibrated threshold is NOT_INSPECTED; batches respect size and lot events."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from linewatch.config import InspectConfig, ThresholdConfig
+from linewatch.decision import Threshold
+from linewatch.frames import EngineOutput, FrameMeta, LotEvent, LotEventKind, Verdict
+from linewatch.inspector import Inspector, decide
+from linewatch.ring import FrameRing
+
+H = W = 8
+
+
+class RecordingEngine:
+    """Scores a frame by its mean pixel value; records every batch; can be told to misbehave."""
+
+    name, version = "fake", "1"
+
+    def __init__(self, mode: str = "ok", delay_s: float = 0.0):
+        self.mode = mode
+        self.delay_s = delay_s
+        self.batches: list[list[int]] = []
+
+    def warmup(self, height, width, channels):
+        pass
+
+    def infer(self, images, metas):
+        self.batches.append([m.frame_id for m in metas])
+        time.sleep(self.delay_s)
+        if self.mode == "raise":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        outs = [EngineOutput(np.full((H, W), float(im.mean()), np.float32), float(im.mean())) for im in images]
+        if self.mode == "short":
+            return outs[:-1]
+        if self.mode == "nan":
+            return [EngineOutput(o.score_map, float("nan")) for o in outs]
+        if self.mode == "shape":
+            return [EngineOutput(np.zeros((2, 2), np.float32), o.image_score) for o in outs]
+        return outs
+
+    def lot_closed(self, lot_id):
+        return {}
+
+    def close(self):
+        pass
+
+
+def run_frames(engine, values, *, deadline_ms=0.0, batch_size=4, thr=None, capture_age_s=0.0):
+    ring = FrameRing(16, H, W, 1, "block", 1.0)
+    results, lots = [], []
+    thr = thr or ThresholdConfig(mode="fixed", value=100.0, min_region_px=0)
+    ins = Inspector(ring, engine, InspectConfig(batch_size=batch_size, batch_wait_ms=50, deadline_ms=deadline_ms),
+                    thr, results.append, lots.append)
+    for i, v in enumerate(values):
+        ring.put(np.full((H, W, 1), v, np.uint8),
+                 FrameMeta(i, time.time() - capture_age_s, "c", H, W, lot_id="L"))
+    ring.put_event(LotEvent(LotEventKind.CLOSED, "L", "r", "part_count", time.time()))
+    ins.start()
+    deadline = time.monotonic() + 10
+    while (len(results) < len(values) or not lots) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ins.stop(5.0)
+    return results, lots
+
+
+def verdicts(results):
+    return [r.verdict for r in sorted(results, key=lambda r: r.frame.frame_id)]
+
+
+def test_scores_above_the_threshold_are_ng_with_regions_below_ok():
+    results, lots = run_frames(RecordingEngine(), [50, 150, 60])
+    assert verdicts(results) == [Verdict.OK, Verdict.NG, Verdict.OK]
+    ng = next(r for r in results if r.verdict is Verdict.NG)
+    assert ng.regions and ng.regions[0].bbox == (0, 0, W, H) and ng.threshold == 100.0
+    assert [e.kind for e in lots] == [LotEventKind.CLOSED]
+
+
+def test_batches_are_capped_and_events_come_after_their_frames():
+    eng = RecordingEngine()
+    results, lots = run_frames(eng, [10] * 6, batch_size=4)
+    assert [len(b) for b in eng.batches] == [4, 2]
+    assert sorted(f for b in eng.batches for f in b) == list(range(6))
+
+
+def test_engine_exception_is_fault_for_every_frame_of_the_batch():
+    results, _ = run_frames(RecordingEngine("raise"), [10, 20, 30])
+    assert verdicts(results) == [Verdict.FAULT] * 3
+    assert all("engine error: RuntimeError: CUDA error" in r.reason for r in results)
+
+
+def test_missing_output_nan_score_and_wrong_map_shape_are_faults():
+    for mode, why in (("short", "outputs for"), ("nan", "non-finite"), ("shape", "map for a")):
+        results, _ = run_frames(RecordingEngine(mode), [10, 20])
+        assert verdicts(results) == [Verdict.FAULT] * 2, mode
+        assert all(why in r.reason for r in results), (mode, [r.reason for r in results])
+
+
+def test_deadline_overrun_before_and_after_the_engine_is_fault():
+    """Regression guard for the peer anti-pattern: a timed-out detector must not pass the part."""
+    results, _ = run_frames(RecordingEngine(), [10, 20], deadline_ms=100, capture_age_s=0.5)
+    assert verdicts(results) == [Verdict.FAULT] * 2 and all("waited" in r.reason for r in results)
+    results, _ = run_frames(RecordingEngine(delay_s=0.3), [10, 20], deadline_ms=150)
+    assert verdicts(results) == [Verdict.FAULT] * 2 and all("inspected" in r.reason for r in results)
+
+
+def test_calibrating_threshold_is_not_inspected_never_ok():
+    thr = ThresholdConfig(mode="calibrated", min_scores=3, min_region_px=0)
+    results, _ = run_frames(RecordingEngine(), [10, 11, 12, 10, 11, 200], thr=thr, batch_size=1)
+    v = verdicts(results)
+    assert v[:1] == [Verdict.NOT_INSPECTED] and results[0].reason == "threshold calibrating"
+    assert v[-1] is Verdict.NG and Verdict.OK in v
+
+
+def test_threshold_free_engine_decides_by_its_mask():
+    meta = FrameMeta(0, time.time(), "c", H, W)
+    mask = np.zeros((H, W), bool)
+    mask[2:4, 2:5] = True
+    out = EngineOutput(np.zeros((H, W), np.float32), 0.3, mask=mask)
+    r = decide(out, meta, Threshold(ThresholdConfig(min_region_px=0)), 0, {"name": "x", "version": "1"})
+    assert r.verdict is Verdict.NG and r.regions[0].bbox == (2, 2, 5, 4) and r.regions[0].area_px == 6
+    out = EngineOutput(np.zeros((H, W), np.float32), 0.0, mask=np.zeros((H, W), bool))
+    assert decide(out, meta, Threshold(ThresholdConfig()), 0, {}).verdict is Verdict.OK

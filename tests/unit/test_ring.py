@@ -1,0 +1,101 @@
+"""The frame ring: handles with generations, overflow policies, every drop counted and reported."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from linewatch.frames import FrameMeta, LotEvent, LotEventKind
+from linewatch.ring import FrameRing, Handle, RingClosed, StaleHandle
+
+
+def meta(i: int) -> FrameMeta:
+    return FrameMeta(frame_id=i, t_capture=time.time(), camera="c", height=4, width=4)
+
+
+def img(v: int) -> np.ndarray:
+    return np.full((4, 4, 1), v, np.uint8)
+
+
+def make(policy: str, slots: int = 2, timeout_s: float = 0.05):
+    drops: list[tuple[int, str]] = []
+    ring = FrameRing(slots, 4, 4, 1, policy, timeout_s, on_drop=lambda m, c: drops.append((m.frame_id, c)))
+    return ring, drops
+
+
+def test_frames_come_out_in_order_with_pixels_and_events_end_a_batch():
+    ring, _ = make("block", slots=4)
+    ring.put(img(1), meta(1))
+    ring.put(img(2), meta(2))
+    ring.put_event(LotEvent(LotEventKind.CLOSED, "L", "r", "part_count", 0.0))
+    ring.put(img(3), meta(3))
+    first = ring.take(8, timeout_s=0.1)
+    assert [ring.view(h)[1].frame_id for h in first] == [1, 2]
+    assert int(ring.view(first[1])[0][0, 0, 0]) == 2
+    (ev,) = ring.take(8, timeout_s=0.1)
+    assert isinstance(ev, LotEvent)
+    (h3,) = ring.take(8, timeout_s=0.1)
+    assert ring.view(h3)[1].frame_id == 3
+
+
+def test_drop_oldest_reports_the_dropped_frame_and_stales_its_handle():
+    ring, drops = make("drop_oldest")
+    h1 = ring.put(img(1), meta(1))
+    ring.put(img(2), meta(2))
+    ring.put(img(3), meta(3))
+    assert drops == [(1, "ring_full_oldest")] and ring.drops["ring_full_oldest"] == 1
+    with pytest.raises(StaleHandle):
+        ring.view(h1)
+    assert [ring.view(h)[1].frame_id for h in ring.take(8, timeout_s=0.1)] == [2, 3]
+
+
+def test_drop_oldest_with_every_slot_busy_drops_the_new_frame():
+    ring, drops = make("drop_oldest")
+    ring.put(img(1), meta(1))
+    ring.put(img(2), meta(2))
+    ring.take(8, timeout_s=0.1)  # both slots now BUSY with the inspector
+    assert ring.put(img(3), meta(3)) is None
+    assert drops == [(3, "ring_full_newest")]
+
+
+def test_drop_newest_keeps_the_queued_frames():
+    ring, drops = make("drop_newest")
+    ring.put(img(1), meta(1))
+    ring.put(img(2), meta(2))
+    assert ring.put(img(3), meta(3)) is None
+    assert drops == [(3, "ring_full_newest")]
+
+
+def test_block_waits_for_a_release_then_times_out_with_a_counted_drop():
+    ring, drops = make("block", timeout_s=2.0)
+    ring.put(img(1), meta(1))
+    ring.put(img(2), meta(2))
+    handles = ring.take(1, timeout_s=0.1)
+    threading.Timer(0.1, ring.release, args=(handles[0],)).start()
+    assert isinstance(ring.put(img(3), meta(3)), Handle)  # waited for the release
+    assert ring.blocked_s > 0.05 and drops == []
+    ring.block_timeout_s = 0.05
+    assert ring.put(img(4), meta(4)) is None
+    assert drops == [(4, "ring_full_timeout")]
+
+
+def test_wrong_size_frame_is_refused_and_closed_ring_raises():
+    ring, _ = make("block")
+    with pytest.raises(ValueError, match="the ring holds 4x4"):
+        ring.put(np.zeros((5, 4, 1), np.uint8), meta(1))
+    ring.close()
+    with pytest.raises(RingClosed):
+        ring.put(img(1), meta(1))
+
+
+def test_drain_pending_returns_queued_frames_and_events_in_order():
+    ring, _ = make("block", slots=4)
+    ring.put(img(1), meta(1))
+    ring.put_event(LotEvent(LotEventKind.CLOSED, "L", "r", "shutdown", 0.0))
+    ring.put(img(2), meta(2))
+    left = ring.drain_pending()
+    assert [getattr(x, "frame_id", "event") for x in left] == [1, "event", 2]
+    assert ring.depth() == 0
