@@ -168,6 +168,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 PLUGIN_COMMANDS = {
     "eval": ("linewatch.evaluate", "evaluate engines on a data set and write a report"),
     "bench": ("linewatch.benchmark", "benchmark the engines and the daemon"),
+    "synth": ("linewatch.acquire.export", "write the synthetic line to disk as labelled lots (for eval/replay)"),
     "engines": ("linewatch.runtime.cli", "export ONNX models, build TensorRT plans, list engine artifacts"),
     "train": ("linewatch.refer", "train a model (dqformer) or build a referring data file (build-refer)"),
 }
