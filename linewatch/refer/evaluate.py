@@ -113,6 +113,29 @@ def evaluate(model: DQFormer, text: TextEncoder, items: list[rdata.ReferItem],
     return res
 
 
+def evaluate_iap(model: DQFormer, text: TextEncoder, items: list[rdata.ReferItem],
+                 template: str, product: str, device: str | torch.device = "cpu",
+                 universal_prompt: str = rdata.UNIVERSAL_EVAL_PROMPT, batch_size: int = 16) -> dict:
+    """mIoU etc. when each sentence is composed by an image-aware prompt template (IAP-AS): the
+    kind's first sentence (or the universal prompt) is the ``{defect}``, the tags are measured
+    from the image. Returns ``{"iap_kind": ..., "iap_universal": ..., "example": sentence}``."""
+    from ..prompts import compose, measure_tags
+
+    device = torch.device(device)
+    bad = [it for it in items if it.kind != "good" and it.mask.any()]
+    if not bad:
+        return {}
+    tags = [measure_tags(it.image) for it in bad]
+    out: dict = {}
+    for key, phrases in (("iap_kind", [it.sentences[0] for it in bad]),
+                         ("iap_universal", [universal_prompt] * len(bad))):
+        sents = [compose([template], [p], product, "", t)[0] for p, t in zip(phrases, tags)]
+        pred = predict_masks(model, text, [it.image for it in bad], sents, device, batch_size)
+        out[key] = summarize([iou_stats(p, it.mask) for p, it in zip(pred, bad)])
+        out[key]["example"] = sents[0]
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``linewatch eval dqformer``."""
     parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint file (last.pt)")
@@ -123,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the metrics here")
+    parser.add_argument("--iap-template", default=None,
+                        help="also evaluate image-aware prompts from this template, e.g. "
+                             "'{defect} on the {brightness} {texture} {product}'")
+    parser.add_argument("--iap-product", default="magnetic tile", help="{product} for --iap-template")
     parser.add_argument("--figure", type=Path, default=None,
                         help="also draw own / wrong-kind / universal sentence masks to this PNG")
 
@@ -137,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     items = rdata.load_items(doc, args.split, model.config.image_hw)
     text = TextEncoder(max_tokens=model.config.max_tokens)
     metrics = evaluate(model, text, items, doc["kind_sentences"], args.device, batch_size=args.batch_size)
+    if getattr(args, "iap_template", None):
+        metrics.update(evaluate_iap(model, text, items, args.iap_template, args.iap_product, args.device,
+                                    batch_size=args.batch_size))
     out = json.dumps(metrics, indent=1)
     print(out)
     if args.json_out:

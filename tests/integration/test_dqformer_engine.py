@@ -139,3 +139,27 @@ def test_trained_engine_follows_the_sentence_on_held_out_images():
             union = np.logical_or(out.mask, gt).sum()
             acc.append(np.logical_and(out.mask, gt).sum() / union if union else 1.0)
     assert np.mean(right) > np.mean(wrong) + 0.15, (np.mean(right), np.mean(wrong))
+
+
+def test_iap_evaluation_and_sentence_figure(tiny_ckpt, tmp_path):
+    from PIL import Image
+
+    from linewatch.models.dqformer import load_checkpoint
+    from linewatch.models.text import TextEncoder
+    from linewatch.refer import data as rdata
+    from linewatch.refer.evaluate import evaluate_iap
+    from linewatch.refer.figure import sentence_figure
+
+    model, _ = load_checkpoint(tiny_ckpt)
+    doc = rdata.build_magnetic_tile(MT, seed=0, n_free=0)
+    test = [s for s in doc["samples"] if s["split"] == "test"]
+    pick = [next(s for s in test if s["kind"] == k) for k in ("blowhole", "crack")]
+    items = rdata.load_items({**doc, "samples": pick}, "test", model.config.image_hw)
+    text = TextEncoder(max_tokens=model.config.max_tokens)
+    res = evaluate_iap(model, text, items, "{defect} on the {brightness} {texture} {product}", "magnetic tile")
+    assert res["iap_kind"]["n"] == 2 and 0.0 <= res["iap_kind"]["miou"] <= 1.0
+    assert res["iap_universal"]["example"].startswith("any defect on the ")
+    assert res["iap_universal"]["example"].endswith(" magnetic tile")
+    fig = sentence_figure(model, text, items, doc["kind_sentences"], tmp_path / "fig.png")
+    w, h = Image.open(fig).size
+    assert w == 4 * 192 and h >= 2 * 192
