@@ -111,3 +111,17 @@ def test_documented_alternative_engine_blocks_parse_when_uncommented(tmp_path):
         assert eng.kind == kind
         if kind == "dqformer":
             assert eng.recipes["tile_a"].apply(eng.prompts).product == "magnetic tile"
+
+
+def test_every_registered_engine_has_a_config_model_and_back():
+    """Guards against an engine kind that the registry knows but config.toml cannot select."""
+    import typing
+
+    from linewatch.config import EngineConfig
+    from linewatch.engines import ENGINES
+
+    union = typing.get_args(typing.get_args(EngineConfig)[0])
+    kinds = {typing.get_args(m.model_fields["kind"].annotation)[0] for m in union}
+    assert kinds == set(ENGINES)
+    for kind in ENGINES:
+        assert Config.model_validate({"engine": {"kind": kind}}).engine.kind == kind
