@@ -1,0 +1,88 @@
+"""The Anomaly Refinement Decoder: shapes, the identity start, score units, one training round."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.models.ard import ARD, grid_scale, normalise_grid
+from linewatch.refine.synth import Sample
+from linewatch.refine.train import train_ard
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and the CPU is shared)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(n=2, h=64, w=96, c=12):
+    torch.manual_seed(0)
+    return torch.randn(n, 3, h, w), torch.randn(n, c, h // 8, w // 8), torch.randn(n, 1, h // 8, w // 8)
+
+
+def test_output_is_a_full_resolution_logit_map():
+    img, feat, z = _inputs()
+    out = ARD(feat_dim=12, width=8)(img, feat, z)
+    assert out.shape == (2, 1, 64, 96)
+    assert torch.isfinite(out).all()
+
+
+def test_untrained_decoder_returns_the_coarse_map_upsampled():
+    """Guards against an untrained ARD (the first lot, before any PGT) changing the coarse ranking."""
+    img, feat, z = _inputs()
+    with torch.inference_mode():
+        out = ARD(feat_dim=12, width=8)(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, up, atol=1e-6)
+
+
+def test_mismatched_grids_are_refused():
+    img, feat, z = _inputs()
+    with pytest.raises(ValueError, match="1/8"):
+        ARD(feat_dim=12, width=8)(img, feat[..., :-1], z[..., :-1])
+
+
+def test_score_units_are_robust_to_one_outlier_grid():
+    grids = [torch.rand(8, 8) for _ in range(6)]
+    base = grid_scale(grids)
+    grids.append(torch.rand(8, 8) * 100)  # one defective frame with huge scores
+    assert grid_scale(grids) < 2 * base
+    z = normalise_grid(grids[0], base)
+    assert abs(float(z.median())) < 1e-6
+
+
+def test_training_learns_a_pasted_square():
+    """A few steps on crops with an obvious pasted square must lower the loss and raise the
+    logits inside the square above those outside."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    samples = []
+    for k in range(4):
+        img = rng.integers(90, 110, (32, 32, 3), dtype=np.uint8)
+        mask = np.zeros((32, 32), dtype=bool)
+        y, x = 8 * int(rng.integers(0, 3)), 8 * int(rng.integers(0, 3))
+        mask[y:y + 16, x:x + 16] = True
+        img[mask] = 250
+        z = torch.zeros(4, 4)
+        z[y // 8:(y + 16) // 8, x // 8:(x + 16) // 8] = 0.5
+        samples.append(Sample(img, torch.randn(6, 4, 4) * 0.1, z, mask))
+    ard = ARD(feat_dim=6, width=8)
+    rep = train_ard(ard, samples, steps=40, time_budget_s=1e6, rng=rng, batch_size=4, crop_px=32, lr=1e-2)
+    assert rep.steps == 40 and rep.stopped_by == "steps"
+    assert rep.loss_last < rep.loss_first
+    s = samples[0]
+    from linewatch.models.backbone import preprocess
+    with torch.inference_mode():
+        out = ard(preprocess(s.image[None]), s.feat[None], s.z[None, None])[0, 0].numpy()
+    assert out[s.mask].mean() > out[~s.mask].mean() + 1.0
+
+
+def test_training_stops_on_request():
+    rng = np.random.default_rng(1)
+    s = Sample(np.zeros((32, 32, 3), np.uint8), torch.zeros(4, 4, 4), torch.zeros(4, 4), np.zeros((32, 32), bool))
+    rep = train_ard(ARD(4, 8), [s], steps=100, time_budget_s=60, rng=rng, should_stop=lambda: True)
+    assert rep.steps == 0 and rep.stopped_by == "stop"

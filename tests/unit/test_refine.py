@@ -1,0 +1,161 @@
+"""PGT pieces with a tiny fake extractor: pseudo-normal choice, sample synthesis, the refiner's
+worker (versions, on_model records, latest-lot-wins, failures), the contaminating selector."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from linewatch.config import RefineConfig
+from linewatch.evaluate import ContaminatingSelector
+from linewatch.models.ard import grid_scale, normalise_grid
+from linewatch.refine.pseudo import select_pseudo_normals
+from linewatch.refine.synth import make_samples
+from linewatch.refine.worker import LotJob, Refiner
+
+H, W = 32, 48
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class FakeExtract:
+    """Features = the image averaged over 8x8 cells (3 channels); records its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images):
+        self.calls += 1
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+        return list(F.avg_pool2d(x, 8))
+
+
+def _lot(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(100, 120, (H, W, 3), dtype=np.uint8) for _ in range(n)]
+    ext = FakeExtract()
+    feats = ext(images)
+    grids = [torch.rand(H // 8, W // 8) for _ in range(n)]
+    scale = grid_scale(grids)
+    return images, feats, grids, scale
+
+
+def _job(lot_id="lot0", seed=0):
+    images, feats, grids, scale = _lot(seed=seed)
+    return LotJob(lot_id, images, feats, [f.reshape(3, -1).T.contiguous() for f in feats],
+                  [float(g.max()) for g in grids], scale)
+
+
+def _cfg(**kw):
+    base = dict(steps=3, samples_per_lot=4, batch_size=2, crop_px=32, width=8, cpu_share=1.0,
+                time_budget_s=1e6, pseudo_normal_fraction=0.5)
+    base.update(kw)
+    return RefineConfig(**base)
+
+
+def test_pseudo_normals_are_the_lowest_scores():
+    assert select_pseudo_normals([5, 1, 9, 2, 7, 3], 0.5) == [1, 3, 5]
+    assert select_pseudo_normals([5, 1], 0.1, min_count=2) == [1, 0]
+    assert select_pseudo_normals([], 0.5) == []
+
+
+def test_samples_have_features_scores_and_masks_of_the_frame():
+    images, feats, grids, scale = _lot()
+    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    ext = FakeExtract()
+    out = make_samples(images, feats, refs, [0, 1, 2], scale, 6, ext, 0.3, np.random.default_rng(0),
+                       normal_share=0.0)
+    assert len(out) == 6 and ext.calls >= 1
+    for s in out:
+        assert s.image.shape == (H, W, 3) and s.mask.shape == (H, W) and s.mask.any()
+        assert s.feat.shape == (3, H // 8, W // 8) and s.z.shape == (H // 8, W // 8)
+
+
+def test_a_round_releases_a_version_recorded_with_its_lot():
+    calls = []
+    r = Refiner(_cfg(), 3, FakeExtract(), 0.3, on_model=lambda *a: calls.append(a))
+    try:
+        assert r.current() is None
+        r.submit(_job("lot0"))
+        assert r.wait_idle(120)
+        ard = r.current()
+        assert ard is not None and ard.trained_on_lot == "lot0"
+        assert ard.model == {"name": "ard", "version": ard.version, "kind": "ard"}
+        name, version, kind, details, lot = calls[0]
+        assert (name, version, kind, lot) == ("ard", ard.version, "ard", "lot0")
+        assert details["trained_on_lot"] == "lot0" and details["steps"] == 3
+        r.submit(_job("lot1", seed=1))
+        assert r.wait_idle(120)
+        assert r.current().trained_on_lot == "lot1" and r.current().version != ard.version
+        assert r.last_report["previous"] == ard.version  # progressive: trained on from the last ARD
+        assert all(not p.requires_grad for p in ard.module.parameters())  # a released ARD is frozen
+    finally:
+        r.close()
+
+
+def test_refine_uses_the_given_version_and_maps_to_the_frame_grid():
+    images, feats, grids, scale = _lot()
+    r = Refiner(_cfg(), 3, FakeExtract(), 0.3)
+    z = [normalise_grid(g, scale) for g in grids]
+    maps = r.refine(images, feats, z, None)
+    up = F.interpolate(torch.stack(z)[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    assert np.allclose(np.stack(maps), up.numpy(), atol=1e-5)  # no ARD yet: the coarse map as is
+    full = Refiner.to_frame(maps[0], 64, 96)
+    assert full.shape == (64, 96) and full.dtype == np.float32
+
+
+def test_a_newer_lot_replaces_a_pending_one():
+    """Guards against PGT queueing lots without bound when training is slower than the line."""
+    gate = threading.Event()
+
+    class SlowExtract(FakeExtract):
+        def __call__(self, images):
+            gate.wait(30)
+            return super().__call__(images)
+
+    r = Refiner(_cfg(), 3, SlowExtract(), 0.3)
+    try:
+        r.submit(_job("lot0"))
+        r.submit(_job("lot1"))
+        r.submit(_job("lot2"))
+        gate.set()
+        assert r.wait_idle(120)
+        assert r.skipped >= 1
+        assert r.current().trained_on_lot == "lot2"
+    finally:
+        r.close()
+
+
+def test_a_failed_round_keeps_the_current_ard():
+    class Broken(FakeExtract):
+        def __call__(self, images):
+            raise RuntimeError("extractor down")
+
+    r = Refiner(_cfg(), 3, Broken(), 0.3)
+    try:
+        r.submit(_job())
+        assert r.wait_idle(60)
+        assert r.failed == 1 and r.current() is None
+    finally:
+        r.close()
+
+
+def test_contaminating_selector_puts_the_asked_share_of_defective_frames():
+    sel = ContaminatingSelector(0.1, 2, seed=0)
+    for k in range(40):
+        sel.labels[f"l{k}"] = [i < 3 for i in range(32)]  # 3 defective of 32
+        scores = list(np.linspace(1, 0, 32))  # defective frames scored highest
+        picked = sel(f"l{k}", scores, 0.5)
+        assert len(picked) == 16 and len(set(picked)) == 16
+    share = sel.picked_defective / sel.picked
+    assert 0.06 < share < 0.14
