@@ -106,7 +106,8 @@ class ClipScorer:
             arr = np.asarray(im)
             if arr.ndim == 2:
                 arr = arr[..., None]
-            t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() / 255.0
+            # a copy: frames are read-only views into the ring
+            t = torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
             if t.shape[1] == 1:
                 t = t.expand(-1, 3, -1, -1)
             xs.append(F.interpolate(t, size=(self.image_size, self.image_size), mode="bilinear",
@@ -141,3 +142,44 @@ class ClipScorer:
             maps.append(up[0, 0].cpu().numpy().astype(np.float32))
             glob_p.append(float(((glob[i] @ text.T) / temperature).softmax(-1)[1]))
         return maps, np.asarray(glob_p, dtype=np.float32)
+
+
+def _byte_alphabet() -> list[str]:
+    """The GPT-2 / CLIP byte-level alphabet: every byte as a printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_random_clip(path: Path | str, image_size: int = 64, patch_size: int = 16, width: int = 32,
+                      layers: int = 2, projection_dim: int = 16, seed: int = 0) -> Path:
+    """Write a small, randomly initialised CLIP (standard architecture: ViT image tower, causal text
+    transformer, projections) with a byte-level tokenizer to ``path`` in Hugging Face layout.
+
+    For tests and offline smoke runs of the loading and scoring code: it has learnt nothing.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    chars = _byte_alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(c, len(vocab))
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                 num_attention_heads=2)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=32, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1, **tower),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **tower),
+        projection_dim=projection_dim)
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    CLIPModel(cfg).eval().save_pretrained(p)
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(p)
+    return p

@@ -15,41 +15,15 @@ from linewatch.engines import EngineUnavailable, create_engine  # noqa: E402
 from linewatch.frames import FrameMeta  # noqa: E402
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet (every byte maps to a printable character)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny CLIP (ViT 64 px / 16 px patches, 2-layer text transformer) in Hugging Face layout."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from safetensors.torch import load_file
 
-    torch.manual_seed(0)
-    chars = list(_bytes_to_unicode().values())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(c, len(vocab))
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=16),
-        projection_dim=16)
-    model = CLIPModel(cfg).eval()
-    d = tmp_path_factory.mktemp("clip_tiny")
-    model.save_pretrained(d)
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(d)
-    return d, {k: v.clone() for k, v in model.state_dict().items()}
+    from linewatch.models.clip import write_random_clip
+
+    d = write_random_clip(tmp_path_factory.mktemp("clip_tiny"))
+    return d, load_file(str(d / "model.safetensors"))
 
 
 def _meta(h, w, recipe="default"):
@@ -62,8 +36,8 @@ def test_loader_reads_the_saved_weights_exactly(clip_dir):
     path, state = clip_dir
     scorer = ClipScorer.from_folder(path)
     loaded = scorer.model.state_dict()
-    for k, v in state.items():
-        assert torch.equal(loaded[k], v), k
+    assert state and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert not torch.equal(state["visual_projection.weight"], torch.zeros_like(state["visual_projection.weight"]))
     assert scorer.grid == 4
 
 
