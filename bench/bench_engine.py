@@ -1,7 +1,13 @@
-"""Throughput of the zero-shot engine's ``infer`` (tier 1) at daemon settings, with the issue's
-floor method as a baseline, measured in the same process. Prints a table.
+"""Throughput of the zero-shot engine's ``infer`` (tier 1) at daemon settings, per feature-extractor
+backend, with the issue's floor method as a baseline, measured in the same process. Prints a table.
 
     .venv/bin/python bench/bench_engine.py [--frames 256] [--batch 4] [--refs 8] [--feature-dim 64]
+        [--backends torch-eager,torch,onnxruntime]
+
+Backends: ``torch-eager`` (the backbone module as written), ``torch`` (traced and frozen: what
+``backend = "torch"`` runs), ``onnxruntime`` (exported on first use into a temporary folder).
+Only the feature extractor differs; scoring is the same code. Peak RSS is the process's, so it only
+grows from row to row (``linewatch bench engines`` measures each backend in its own process).
 
 Frames are synthetic 256 x 256 x 3 textures (a fixed seed), grouped in lots of ``--lot-size``;
 every lot is closed (tier 2) outside the timed region, whose time is reported separately.
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linewatch.config import ZeroShotEngine as EngineCfg  # noqa: E402
-from linewatch.engines.zeroshot import ZeroShotEngine  # noqa: E402
+from linewatch.engines.zeroshot import TorchExtractor, ZeroShotEngine  # noqa: E402
 from linewatch.evaluate import FloorBaseline  # noqa: E402
 from linewatch.frames import FrameMeta  # noqa: E402
 
@@ -44,8 +51,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size: int) -> dict:
-    eng = ZeroShotEngine(cfg)
+def make_engine(cfg: EngineCfg, backend: str, engines_dir: Path) -> ZeroShotEngine:
+    """The engine with the extractor of ``backend`` (see the module docstring)."""
+    if backend == "torch-eager":
+        return ZeroShotEngine(cfg, TorchExtractor(cfg.feature_dim, threads=cfg.threads, jit=False))
+    return ZeroShotEngine(cfg.model_copy(update={"backend": backend, "engines_dir": engines_dir}))
+
+
+def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size: int, backend: str = "torch",
+                 engines_dir: Path = Path("engines")) -> dict:
+    eng = make_engine(cfg, backend, engines_dir)
     eng.warmup(*images[0].shape)
     lat, t_lots, fid = [], 0.0, 0
     t_all = 0.0
@@ -64,7 +79,7 @@ def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size:
             eng.lot_closed(lot)
             t_lots += time.perf_counter() - t0
     lat_ms = np.asarray(lat) * 1000
-    return {"name": f"engine tier1 (d={cfg.feature_dim}, refs={cfg.reference_frames})",
+    return {"name": f"engine tier1 {backend} (d={cfg.feature_dim}, refs={cfg.reference_frames})",
             "fps": len(images) / t_all, "p50": float(np.percentile(lat_ms, 50)),
             "p99": float(np.percentile(lat_ms, 99)), "rss": peak_rss_mb(),
             "lot_close_s": t_lots / max(len(images) // lot_size, 1), "version": eng.version}
@@ -94,17 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lot-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--backends", default="torch", help="comma-separated: torch-eager, torch, onnxruntime")
     a = p.parse_args(argv)
     images = frames(a.frames, a.size)
     cfg = EngineCfg(threads=a.threads, feature_dim=a.feature_dim, reference_frames=a.refs, input_size=a.size)
-    rows = [bench_engine(cfg, images, a.batch, a.lot_size)]
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+        rows = [bench_engine(cfg, images, a.batch, a.lot_size, b.strip(), Path(tmp))
+                for b in a.backends.split(",") if b.strip()]
     if not a.no_floor:
         rows.append(bench_floor(images, a.lot_size, a.threads))
     print(f"\n{a.frames} frames {a.size}x{a.size}x3, batch {a.batch}, threads {a.threads}; latency per "
           f"engine call (a batch; a whole lot for the floor)")
-    print(f"{'method':44s} {'frames/s':>9s} {'p50 ms':>9s} {'p99 ms':>9s} {'peak RSS MB':>12s} {'lot close s':>12s}")
+    print(f"{'method':56s} {'frames/s':>9s} {'p50 ms':>9s} {'p99 ms':>9s} {'peak RSS MB':>12s} {'lot close s':>12s}")
     for r in rows:
-        print(f"{r['name']:44s} {r['fps']:9.1f} {r['p50']:9.1f} {r['p99']:9.1f} {r['rss']:12.0f} "
+        print(f"{r['name']:56s} {r['fps']:9.1f} {r['p50']:9.1f} {r['p99']:9.1f} {r['rss']:12.0f} "
               f"{r['lot_close_s']:12.2f}")
     print(f"engine version: {rows[0]['version']}")
     return 0

@@ -111,9 +111,7 @@ def _child(job: dict, queue) -> None:
                 t0 = time.perf_counter()
                 run(batch)
                 lat.append(time.perf_counter() - t0)
-            lat_ms = np.asarray(lat) * 1e3
-            rows.append({"batch": batch, "fps": batch * len(lat) / (lat_ms.sum() / 1e3), "calls": len(lat),
-                         "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99))})
+            rows.append({"batch": batch, "lat_s": lat})
         queue.put({"ok": True, "rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    **extra})
     except Exception as exc:  # noqa: BLE001 - reported in the table as "failed: <reason>", never hidden
@@ -203,6 +201,20 @@ def versions_line() -> str:
     return ", ".join(parts)
 
 
+def summarize_rows(raw_rows: list[dict]) -> list[dict]:
+    """Per batch: frames/s = frames / total call time, p50/p99 of the call latencies, pooled over
+    all rounds of a (model, backend) pair."""
+    by_batch: dict[int, list[float]] = {}
+    for r in raw_rows:
+        by_batch.setdefault(r["batch"], []).extend(r["lat_s"])
+    out = []
+    for batch, lat in sorted(by_batch.items()):
+        ms = np.asarray(lat) * 1e3
+        out.append({"batch": batch, "fps": batch * len(lat) / (ms.sum() / 1e3), "calls": len(lat),
+                    "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
+    return out
+
+
 def format_table(results: list[dict]) -> list[str]:
     """Markdown table rows of the results (speed-up is against torch eager, same model and batch)."""
     base = {(r["model"], row["batch"]): row["fps"] for r in results if r["backend"] == "torch-eager" and r["ok"]
@@ -252,7 +264,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--batch", type=int, default=None, help="default: inspect.batch_size")
     s.add_argument("--threads", type=int, default=None, help="default: engine.threads (0 = all cores)")
     s.add_argument("--device", default=None, help="default: engine.device")
-    s.add_argument("--seconds", type=float, default=5.0, help="timed seconds per backend and batch")
+    s.add_argument("--seconds", type=float, default=5.0, help="timed seconds per backend, batch and round")
+    s.add_argument("--rounds", type=int, default=2,
+                   help="the backends are measured in turn this many times and the calls pooled, so a "
+                        "load change on a shared machine hits every backend alike")
     s.add_argument("--min-calls", type=int, default=5)
     s.add_argument("--engines-dir", type=Path, default=None, help="default: a temporary folder")
     s.add_argument("--results", type=Path, default=Path("bench/RESULTS.md"))
@@ -295,21 +310,38 @@ def run(args) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         engines_dir = args.engines_dir or Path(tmp)
+        pairs: dict[tuple[str, str], dict] = {}
+        for rnd in range(max(1, args.rounds)):
+            for model in models:
+                params = model_params(model, eng, args.size)
+                for backend in backends:
+                    key = (model, backend)
+                    if key in pairs and not pairs[key]["ok"]:
+                        continue
+                    why = backend_unavailable(backend, device)
+                    if why:
+                        pairs[key] = {"model": model, "backend": backend, "ok": False, "error": why}
+                        continue
+                    print(f"... round {rnd + 1}: {model} on {backend}", file=sys.stderr, flush=True)
+                    r = measure(model, params, backend, engines_dir=engines_dir, batch=batch, threads=threads,
+                                device=device, seconds=args.seconds, min_calls=args.min_calls)
+                    if not r["ok"]:
+                        pairs[key] = {"model": model, "backend": backend, **r}
+                        continue
+                    acc = pairs.setdefault(key, {"model": model, "backend": backend, "ok": True, "raw": [],
+                                                 "peak_rss_mb": 0.0})
+                    acc["raw"] += r.pop("rows")
+                    acc["peak_rss_mb"] = max(acc["peak_rss_mb"], r.pop("peak_rss_mb"))
+                    acc.update({k: v for k, v in r.items() if k != "ok"})
         results = []
-        for model in models:
-            params = model_params(model, eng, args.size)
-            for backend in backends:
-                why = backend_unavailable(backend, device)
-                if why:
-                    results.append({"model": model, "backend": backend, "ok": False, "error": why})
-                    continue
-                print(f"... {model} on {backend}", file=sys.stderr, flush=True)
-                r = measure(model, params, backend, engines_dir=engines_dir, batch=batch, threads=threads,
-                            device=device, seconds=args.seconds, min_calls=args.min_calls)
-                results.append({"model": model, "backend": backend, **r})
+        for r in pairs.values():
+            if r["ok"]:
+                r["rows"] = summarize_rows(r.pop("raw"))
+            results.append(r)
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"{now}: input {args.size}x{args.size}, batch 1 and {batch}, threads {threads or 'all'}, device {device}, "
-            f"{args.seconds:g} s timed per backend and batch")
+            f"{args.seconds:g} s timed per backend and batch, {max(1, args.rounds)} interleaved round(s) pooled; "
+            f"peak RSS = the measuring child process's")
     table = format_table(results)
     print(f"\n{head}\nmachine: {machine_line()}\nversions: {versions_line()}\n")
     print("\n".join(table))

@@ -32,10 +32,18 @@ def providers_for(device: str) -> list[str]:
 
 class OrtRunner:
     """One ONNX Runtime session on an exported file. ``threads`` = 0: onnxruntime's default
-    (all physical cores)."""
+    (all physical cores).
 
-    def __init__(self, path: Path, *, device: str = "cpu", threads: int = 0, manifest: Manifest | None = None):
+    ``spin=False`` (the default) stops the intra-op worker threads from busy-waiting after a run:
+    in the daemon the scoring, acquisition and publishing threads need those cores right after
+    the extractor returns, and on a 2-core box spinning workers starve them."""
+
+    def __init__(self, path: Path, *, device: str = "cpu", threads: int = 0, manifest: Manifest | None = None,
+                 spin: bool = False):
         so = ort.SessionOptions()
+        if not spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if threads > 0:
