@@ -258,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--config", "-c", default=os.environ.get("LINEWATCH_CONFIG", "config.toml"),
                    help="config whose [engine] (feature_dim, threads, device) and [inspect] batch_size are used")
     s.add_argument("--models", default="patch_features",
-                   help="comma-separated registered models (patch_features = the zero-shot backbone; dqformer)")
+                   help="comma-separated registered models (patch_features = the zero-shot backbone; dqformer; ard)")
     s.add_argument("--backends", default=",".join(BACKENDS))
     s.add_argument("--size", type=int, default=256, help="square input size in pixels")
     s.add_argument("--batch", type=int, default=None, help="default: inspect.batch_size")
@@ -281,6 +281,9 @@ def model_params(model: str, engine_cfg, size: int) -> dict:
         return {"feature_dim": int(getattr(engine_cfg, "feature_dim", 0)), "input_size": size}
     if model == "dqformer":
         return {"input_size": size}
+    if model == "ard":
+        dim = int(getattr(engine_cfg, "feature_dim", 0))
+        return {"input_size": size, "feat_dim": dim or 152}
     return {}
 
 

@@ -170,7 +170,53 @@ DQFORMER = ModelSpec(
 )
 
 
-MODELS: dict[str, ModelSpec] = {s.name: s for s in (PATCH_FEATURES, DQFORMER)}
+# ----------------------------------------------------------------- AnoRefiner decoder (ARD)
+def _ard_build(p: Params) -> nn.Module:
+    from ..models.ard import ARD
+
+    torch.manual_seed(0)
+    model = ARD(int(p["feat_dim"]), int(p["width"]))
+    if p["checkpoint"]:
+        state = torch.load(str(p["checkpoint"]), map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    else:  # untrained: the head starts at zero, which would leave the decoder out of a parity check
+        nn.init.normal_(model.head.weight, std=0.05)
+    return model.eval()
+
+
+def _ard_inputs(module: nn.Module, p: Params, batch: int) -> tuple[torch.Tensor, ...]:
+    from ..models.ard import GRID_STRIDE
+
+    s = int(p["input_size"])
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 3, s, s, generator=g),
+            torch.randn(batch, int(p["feat_dim"]), s // GRID_STRIDE, s // GRID_STRIDE, generator=g),
+            torch.randn(batch, 1, s // GRID_STRIDE, s // GRID_STRIDE, generator=g))
+
+
+def _ard_hash(p: Params, module: nn.Module | None) -> str:
+    if p["checkpoint"]:
+        return file_hash(p["checkpoint"])
+    return state_dict_hash(module if module is not None else _ard_build(p))
+
+
+ARD_SPEC = ModelSpec(
+    name="ard",
+    description="AnoRefiner decoder: image + patch features + coarse scores -> pixel logits",
+    build=_ard_build,
+    example_inputs=_ard_inputs,
+    input_names=("image", "feat", "coarse"),
+    output_names=("logits",),
+    dynamic_axes=lambda p: {n: {0: "batch"} for n in ("image", "feat", "coarse", "logits")},
+    weights_hash=_ard_hash,
+    version=lambda p, m: f"ard-{_ard_hash(p, m)}-d{int(p['feat_dim'])}-w{int(p['width'])}",
+    stem=lambda p: (f"ard-{Path(p['checkpoint']).stem if p['checkpoint'] else 'untrained'}"
+                    f"-d{int(p['feat_dim'])}-w{int(p['width'])}-s{int(p['input_size'])}"),
+    defaults={"checkpoint": "", "feat_dim": 152, "width": 24, "input_size": 256},
+)
+
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (PATCH_FEATURES, DQFORMER, ARD_SPEC)}
 
 
 def get_spec(name: str) -> ModelSpec:
