@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--backends", default="torch", help="comma-separated: torch-eager, torch, onnxruntime")
+    p.add_argument("--append", type=Path, default=None,
+                   help="also append the table to this file (bench/RESULTS.md) under the engines heading")
     a = p.parse_args(argv)
     images = frames(a.frames, a.size)
     cfg = EngineCfg(threads=a.threads, feature_dim=a.feature_dim, reference_frames=a.refs, input_size=a.size)
@@ -125,7 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']:56s} {r['fps']:9.1f} {r['p50']:9.1f} {r['p99']:9.1f} {r['rss']:12.0f} "
               f"{r['lot_close_s']:12.2f}")
     print(f"engine version: {rows[0]['version']}")
+    if a.append:
+        append_engine_table(a, rows)
     return 0
+
+
+def append_engine_table(a, rows: list[dict]) -> None:
+    """The table as markdown, with date, machine and versions, into ``a.append``."""
+    import datetime as dt
+    import shlex
+
+    from linewatch.benchmark import append_results, machine_line, versions_line
+
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    base = next((r["fps"] for r in rows if "torch-eager" in r["name"]), None)
+    block = [f"### {now}: zero-shot engine tier 1 (`bench/bench_engine.py`)", "",
+             f"- settings: {a.frames} frames {a.size}x{a.size}x3 in lots of {a.lot_size}, batch {a.batch}, "
+             f"threads {a.threads}, feature_dim {a.feature_dim}, reference_frames {a.refs}; latency per infer call "
+             f"(a batch); the whole engine (resize, features, mutual scoring), one process",
+             f"- machine: {machine_line()}", f"- versions: {versions_line()}",
+             f"- command: `{shlex.join(['.venv/bin/python', 'bench/bench_engine.py', *sys.argv[1:]])}`", "",
+             "| engine | frames/s | p50 ms | p99 ms | peak RSS MB (cumulative) | lot close s | vs torch eager |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        speed = f"{r['fps'] / base:.2f}x" if base else "-"
+        block.append(f"| {r['name']} | {r['fps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['rss']:.0f} | "
+                     f"{r['lot_close_s']:.2f} | {speed} |")
+    append_results(a.append, block)
+    print(f"appended to {a.append}")
 
 
 if __name__ == "__main__":

@@ -145,3 +145,15 @@ def test_engines_cli_export_and_list(tmp_path, capsys):
     assert main(["engines", "list", "--config", str(cfg)]) == 0
     assert "current" in capsys.readouterr().out
     assert main(["engines", "export", "--config", str(cfg), "--model", "nope"]) == 1
+
+
+def test_unwritable_engines_dir_names_the_export_command(tmp_path):
+    """Guards against a bare OSError traceback when the daemon cannot export on first use."""
+    from linewatch.config import ZeroShotEngine as EngineCfg
+    from linewatch.engines import EngineUnavailable
+    from linewatch.engines.zeroshot import ZeroShotEngine
+
+    blocker = tmp_path / "engines"
+    blocker.write_text("a file where the engines folder should be")
+    with pytest.raises(EngineUnavailable, match="linewatch engines export"):
+        ZeroShotEngine(EngineCfg(backend="onnxruntime", feature_dim=16, input_size=128, engines_dir=blocker))
