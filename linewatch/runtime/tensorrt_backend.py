@@ -181,7 +181,7 @@ def build_plan(onnx_file: Path, fields: PlanKeyFields, out: Path, *, workspace_b
         profile.set_shape(name, mn, opt, mx)
     config.add_optimization_profile(profile)
     if fields.precision in ("fp16", "int8"):
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):
             logger.warning("this GPU has no fast FP16; building anyway")
         config.set_flag(trt.BuilderFlag.FP16)
     calibrator = None
@@ -313,11 +313,21 @@ class TrtRunner:
             if not self.context.execute_async_v3(self.stream.handle):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
             self.stream.synchronize()
+            capturing = False
             try:
                 self.stream.begin_capture()
+                capturing = True
                 self.context.execute_async_v3(self.stream.handle)
-                graph = self._graphs[n] = self.stream.end_capture().instance()
-            except cuda.Error as exc:  # capture refused (driver, plan with host callbacks): run plain
+                captured = self.stream.end_capture()
+                capturing = False
+                graph = self._graphs[n] = captured.instance()
+            except (cuda.Error, AttributeError, TypeError) as exc:
+                # capture refused (driver, a plan with host callbacks, an older pycuda): run plain
+                if capturing:
+                    try:
+                        self.stream.end_capture()
+                    except cuda.Error:
+                        pass  # the capture is already invalid; the stream is usable again either way
                 logger.warning("CUDA graph capture failed (%s): CUDA graphs off", exc)
                 self.cuda_graphs = False
                 return  # the plain run above already produced this batch's outputs
