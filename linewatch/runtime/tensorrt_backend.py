@@ -1,6 +1,9 @@
 """TensorRT backend (``gpu`` extra: tensorrt, pycuda): plan building, the plan cache, INT8
 calibration, and a runner with pycuda device buffers, one stream and optional CUDA graphs.
 
+Written against the TensorRT 10 Python API (names checked against tensorrt-stubs 10.13) and never
+yet run on a GPU: see ``bench/RESULTS.md`` and ``tests/gpu/``.
+
 Nothing here is imported unless the tensorrt backend is chosen (``linewatch.runtime`` checks the
 packages first and names the missing one). The cache logic itself is pure and lives in
 :mod:`linewatch.runtime.manifest`, tested without a GPU.
@@ -134,11 +137,17 @@ def calibration_hash(batches: Sequence[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+_CALIBRATOR_BASE = getattr(trt, "IInt8EntropyCalibrator2", object)  # implicit INT8: deprecated in TensorRT 10.1
+
+
+class EntropyCalibrator(_CALIBRATOR_BASE):
     """INT8 entropy calibration over preprocessed batches; the table is cached beside the plan."""
 
     def __init__(self, input_name: str, batches: Sequence[np.ndarray], cache_path: Path):
-        trt.IInt8EntropyCalibrator2.__init__(self)
+        if _CALIBRATOR_BASE is object:
+            raise BackendUnavailable(f"TensorRT {trt.__version__} has no implicit INT8 calibration "
+                                     f"(IInt8EntropyCalibrator2); build fp16, or use TensorRT 10.x for int8")
+        _CALIBRATOR_BASE.__init__(self)
         self.input_name = input_name
         self.batches = list(batches)
         self.cache_path = Path(cache_path)
