@@ -41,7 +41,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     train_s = [s for s in doc["samples"] if s["split"] == "train"]
     pick = [s for s in train_s if s["kind"] == "blowhole"][:4] + [s for s in train_s if s["kind"] == "good"][:2]
     out = tmp_path_factory.mktemp("dqf")
-    train({**doc, "samples": pick}, out, epochs=8, config=DQFormerConfig(image_hw=(128, 128), dim=32,
+    train({**doc, "samples": pick}, out, epochs=3, config=DQFormerConfig(image_hw=(128, 128), dim=32,
           decoder_layers=2), batch_size=6, lr=2e-3, progress=False)
     return out / "last.pt"
 
