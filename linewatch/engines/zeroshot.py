@@ -8,7 +8,12 @@ excluded (``self_scores``): a patch with no look-alike elsewhere in its own imag
 That is weaker than mutual scoring but never a fake "all clear".
 
 Tier 2 (``lot_closed``): the whole lot is mutually scored (every frame against the others, at most
-``tier2_references``) and the lot's features become the "previous lot" references. With
+``tier2_references``) and the lot's features become the "previous lot" references. Tier-2 maps
+are in lot score units (``linewatch.models.ard.normalise_grid``: minus the lot's median patch
+score, divided by the lot's typical 50-99th percentile span), which makes scores comparable from
+lot to lot and product to product; the image score is the mean of the top
+``TIER2_IMAGE_TOP_FRACTION`` of the map (defects spread over more than the top 1 % of a large
+frame, and whole-lot scores are steadier than streaming ones). With
 refinement enabled (``enable_refinement``, config ``[refine]``), the coarse lot maps are then
 refined by the AnoRefiner decoder trained on an earlier lot, and this lot is handed to the PGT
 worker (``linewatch.refine.worker``); the engine then also keeps each frame resized to its working
@@ -45,6 +50,7 @@ import torch
 
 from ..frames import EngineOutput, FrameMeta
 from ..models import zeroshot as zs
+from ..models.ard import grid_scale, lot_median, normalise_grid
 from ..models.backbone import FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ MAX_OPEN_LOTS = 2  # lots whose features are kept while open; an older one is ro
 MAX_LOT_FRAMES = 256  # frames of one lot kept for tier 2 (oldest dropped beyond, and counted)
 SMOOTH_SIGMA_CELLS = 0.5  # Gaussian blur of the patch-score grid (4 px of the resized frame)
 IMAGE_TOP_FRACTION = 0.01  # image score = mean of the top 1 % of the map
+TIER2_IMAGE_TOP_FRACTION = 0.05  # tier 2 (whole-lot, lot units): mean of the top 5 % of the map
 
 
 class TorchExtractor:
@@ -214,9 +221,10 @@ class ZeroShotEngine:
     def _entry(self, meta: FrameMeta, feat: torch.Tensor, hw: tuple[int, int]) -> _Entry:
         return _Entry(meta.frame_id, feat, zs.subsample_reference(feat, self.ref_stride, meta.frame_id), hw)
 
-    def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int]) -> EngineOutput:
+    def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int],
+                top_fraction: float = IMAGE_TOP_FRACTION) -> EngineOutput:
         smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], SMOOTH_SIGMA_CELLS)
-        return EngineOutput(score_map=smap, image_score=zs.image_score(smap, IMAGE_TOP_FRACTION))
+        return EngineOutput(score_map=smap, image_score=zs.image_score(smap, top_fraction))
 
     # -------------------------------------------------------------------------------- engine
     def warmup(self, height: int, width: int, channels: int) -> None:
@@ -302,13 +310,15 @@ class ZeroShotEngine:
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
             scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
                                        self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
-        coarse = {e.frame_id: self._output(s, e.frame_hw) for e, s in zip(entries, scores)}
+        scale, offset = grid_scale(scores), lot_median(scores)
+        z = [normalise_grid(s, scale, offset) for s in scores]
+        coarse = {e.frame_id: self._output(g, e.frame_hw, TIER2_IMAGE_TOP_FRACTION) for e, g in zip(entries, z)}
         with self._lock:
             self._roll(entries)
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse
-        return self._refine_lot(lot_id, entries, scores, coarse)
+        return self._refine_lot(lot_id, entries, z, scale, coarse)
 
     # ------------------------------------------------------------------------- refinement
     def enable_refinement(self, refine_cfg, on_model=None, selector=None) -> None:
@@ -323,24 +333,22 @@ class ZeroShotEngine:
         self.refiner = Refiner(refine_cfg, dim, self.features, self.cfg.topk_fraction,
                                on_model=on_model, selector=selector)
 
-    def _refine_lot(self, lot_id: str, entries: list[_Entry], scores: list[torch.Tensor],
+    def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
                     coarse: dict[int, EngineOutput]) -> dict[int, EngineOutput]:
-        from ..models.ard import grid_scale, normalise_grid
         from ..refine.worker import LotJob
 
         refiner = self.refiner
-        scale = grid_scale(scores)
-        z = [normalise_grid(s, scale) for s in scores]
         ard = refiner.current()  # trained on an earlier lot (None before the first round)
         logits = refiner.refine([e.image for e in entries], [e.feat for e in entries], z, ard)
         out = {}
         for e, m in zip(entries, logits):
             smap = refiner.to_frame(m, e.frame_hw[0], e.frame_hw[1])
-            out[e.frame_id] = EngineOutput(score_map=smap, image_score=zs.image_score(smap, IMAGE_TOP_FRACTION))
+            out[e.frame_id] = EngineOutput(score_map=smap, image_score=zs.image_score(smap, TIER2_IMAGE_TOP_FRACTION))
         self.last_coarse = coarse
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
-                              [e.ref for e in entries], [coarse[e.frame_id].image_score for e in entries], scale))
+                              [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
+                              scale))
         return out
 
     def close(self) -> None:

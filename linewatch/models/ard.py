@@ -3,7 +3,7 @@
 Inputs, for a batch of frames resized to H x W (multiples of 8, the engine's working geometry):
 - ``image``: normalised float32 N x 3 x H x W (``linewatch.models.backbone.preprocess``);
 - ``feat``: the engine's patch features N x C x H/8 x W/8;
-- ``coarse``: the zero-shot patch scores N x 1 x H/8 x W/8, normalised per lot (``normalise_grid``)
+- ``z``: the zero-shot patch scores N x 1 x H/8 x W/8, normalised per lot (``normalise_grid``)
   so that the decoder sees the same units whatever the product.
 
 Structure (small enough to train on a CPU in seconds, following the AnoRefiner paper's parts):
@@ -14,11 +14,13 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
    the score branch is updated from the features (both directions, residual);
 3. refinement blocks while upsampling 1/8 -> 1/4 -> 1/2 -> 1, each fed with a light image stem at
    its scale (pixel detail the patch grid lacks) and the upsampled coarse scores;
-4. output: a logit map ``up(z) + beta + delta``: the coarse map is a fixed skip and the decoder
-   learns the correction ``delta`` (sharper edges, suppressed false alarms, boosted misses). The
-   head starts at zero, so an untrained ARD returns the normalised, upsampled coarse map; the
-   skip is not learned, so training on synthetic anomalies cannot make the decoder forget what
-   the zero-shot scores know about real ones.
+4. output: a logit map ``up(z) + beta + gate(up(z)) * delta``: the coarse map is a fixed skip and
+   the decoder learns a bounded correction ``delta`` (``DELTA_MAX`` z-units: sharper edges,
+   suppressed false alarms inside a suspicious area) that acts only where the coarse map is
+   already suspicious (``gate`` rises from 0 below z = 0 to 1 above z = 1). The head starts at
+   zero, so an untrained ARD returns the normalised, upsampled coarse map; and since the skip is
+   fixed and the correction bounded and gated, training on synthetic anomalies cannot make the
+   decoder invent detections on normal texture or forget what the zero-shot scores know.
 
 No batch norm (a test-time-trained decoder sees tiny batches; train and eval behave the same).
 """
@@ -31,6 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 
 GRID_STRIDE = 8  # the coarse grid and the features are at 1/8 of the ARD input
+DELTA_MAX = 2.0  # largest correction, in lot score units
+GATE_CENTRE, GATE_SLOPE = 0.5, 4.0  # gate(z) = sigmoid(GATE_SLOPE * (z - GATE_CENTRE))
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -113,7 +117,8 @@ class ARD(nn.Module):
         x = self.up4(torch.cat([f, s], 1), i4, z4)
         x = self.up2(x, i2, z2)
         x = self.up1(x, image, z1)
-        return z1 + self.beta + self.head(x)
+        gate = torch.sigmoid(GATE_SLOPE * (z1 - GATE_CENTRE))
+        return z1 + self.beta + gate * DELTA_MAX * torch.tanh(self.head(x) / DELTA_MAX)
 
 
 # ------------------------------------------------------------------------------ score units
@@ -127,8 +132,11 @@ def grid_scale(grids: list[torch.Tensor]) -> float:
     return max(float(np.median(spans)), 1e-6)
 
 
-def normalise_grid(grid: torch.Tensor, scale: float) -> torch.Tensor:
-    """h x w patch scores -> units of the lot scale above the grid's own median (so the number of
-    references a score was computed with, which shifts all distances, does not matter)."""
-    g = grid.float()
-    return (g - g.reshape(-1).median()) / scale
+def lot_median(grids: list[torch.Tensor]) -> float:
+    """Median patch score over the whole lot (the zero of the lot score units)."""
+    return float(torch.cat([g.float().reshape(-1) for g in grids]).median())
+
+
+def normalise_grid(grid: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
+    """Patch scores -> lot score units: ``(grid - offset) / scale`` (offset = ``lot_median``)."""
+    return (grid.float() - offset) / scale

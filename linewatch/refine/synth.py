@@ -19,7 +19,6 @@ import torch
 
 from ..acquire.defects import paste_noise_anomaly, perlin_mask
 from ..models import zeroshot as zs
-from ..models.ard import normalise_grid
 
 # ``extract(images)``: uint8 H x W x C frames -> C x H/8 x W/8 feature tensors (the engine's)
 Extract = Callable[[Sequence[np.ndarray]], list[torch.Tensor]]
@@ -54,14 +53,16 @@ def _source_for(images: Sequence[np.ndarray], i: int, rng: np.random.Generator) 
 
 
 def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-                 normals: Sequence[int], scale: float, n_samples: int, extract: Extract, topk_fraction: float,
+                 test_z: Sequence[torch.Tensor], normals: Sequence[int], scale: float, n_samples: int, extract: Extract, topk_fraction: float,
                  rng: np.random.Generator, references: int = 6, normal_share: float = 0.2) -> list[Sample]:
     """``n_samples`` training samples built on the frames ``normals`` of a lot.
 
     ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
     reference patches as computed at tier 1); each sample's coarse scores use the subsampled
-    patches of up to ``references`` other frames of the lot (four times cheaper than full grids;
-    the per-grid median in ``normalise_grid`` absorbs the offset that subsampling adds).
+    patches of up to ``references`` other frames of the lot (four times cheaper than full grids).
+    Fewer, subsampled references shift all distances up, so a sample's scores are put in lot units
+    by matching its median to the median of its source frame's tier-2 grid ``test_z`` (the pasted
+    anomaly covers too little of the frame to move a median).
     """
     if not normals:
         return []
@@ -93,5 +94,6 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
             grid = s.reshape(f.shape[1:])
         else:
             grid = zs.self_scores(f)
-        samples.append(Sample(img, f, normalise_grid(grid, scale), m))
+        zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
+        samples.append(Sample(img, f, zg, m))
     return samples

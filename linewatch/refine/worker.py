@@ -52,12 +52,13 @@ class ARDVersion:
 @dataclass(slots=True)
 class LotJob:
     """One closed lot handed to PGT: frames in working geometry, tier-1 features and subsampled
-    reference patches, tier-2 image scores, the lot's score scale."""
+    reference patches, coarse grids in lot units, tier-2 image scores, the lot's score scale."""
 
     lot_id: str
     images: list[np.ndarray]
     feats: list[torch.Tensor]
     refs: list[torch.Tensor]
+    z: list[torch.Tensor]  # the frames' coarse grids in lot units
     image_scores: list[float]
     scale: float
     t_submit: float = field(default_factory=time.monotonic)
@@ -196,7 +197,7 @@ class Refiner:
         self.pseudo_normals[job.lot_id] = normals
         while len(self.pseudo_normals) > 64:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
-        samples = make_samples(job.images, job.feats, job.refs, normals, job.scale, cfg.samples_per_lot,
+        samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.topk_fraction, self._rng, references=cfg.references)
         t1 = time.monotonic()
         prev = self.current()

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from linewatch.config import RefineConfig
 from linewatch.evaluate import ContaminatingSelector
-from linewatch.models.ard import grid_scale, normalise_grid
+from linewatch.models.ard import grid_scale, lot_median, normalise_grid
 from linewatch.refine.pseudo import select_pseudo_normals
 from linewatch.refine.synth import make_samples
 from linewatch.refine.worker import LotJob, Refiner
@@ -52,7 +52,8 @@ def _lot(n=6, seed=0):
 
 def _job(lot_id="lot0", seed=0):
     images, feats, grids, scale = _lot(seed=seed)
-    return LotJob(lot_id, images, feats, [f.reshape(3, -1).T.contiguous() for f in feats],
+    z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
+    return LotJob(lot_id, images, feats, [f.reshape(3, -1).T.contiguous() for f in feats], z,
                   [float(g.max()) for g in grids], scale)
 
 
@@ -73,7 +74,8 @@ def test_samples_have_features_scores_and_masks_of_the_frame():
     images, feats, grids, scale = _lot()
     refs = [f.reshape(3, -1).T.contiguous() for f in feats]
     ext = FakeExtract()
-    out = make_samples(images, feats, refs, [0, 1, 2], scale, 6, ext, 0.3, np.random.default_rng(0),
+    z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
+    out = make_samples(images, feats, refs, z, [0, 1, 2], scale, 6, ext, 0.3, np.random.default_rng(0),
                        normal_share=0.0)
     assert len(out) == 6 and ext.calls >= 1
     for s in out:
@@ -106,7 +108,7 @@ def test_a_round_releases_a_version_recorded_with_its_lot():
 def test_refine_uses_the_given_version_and_maps_to_the_frame_grid():
     images, feats, grids, scale = _lot()
     r = Refiner(_cfg(), 3, FakeExtract(), 0.3)
-    z = [normalise_grid(g, scale) for g in grids]
+    z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
     maps = r.refine(images, feats, z, None)
     up = F.interpolate(torch.stack(z)[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     assert np.allclose(np.stack(maps), up.numpy(), atol=1e-5)  # no ARD yet: the coarse map as is
