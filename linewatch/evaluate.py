@@ -386,9 +386,15 @@ def run(args) -> int:
     labels = np.array([s.defective for s in order])
     table = metrics_table(results)
     title = f"linewatch eval: {args.data} ({len(lots)} lots, {n_images} images, lots={args.lots})"
+    run_line = ""
+    if "pgt_rounds" in info:
+        run_line = (f"\nRefinement: {info['pgt_rounds']} PGT rounds ({info['pgt_failed']} failed), "
+                    f"{info['pgt_seconds']} s waiting for PGT; share of defective frames among the "
+                    f"pseudo-normals used: {info['pseudo_normal_defective_share']} "
+                    f"(--contaminate {info['contaminate']}). Wall time {info['wall_s']} s.\n")
     (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nPixel metrics binned over "
-                                    f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n",
-                                    encoding="utf-8")
+                                    f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n"
+                                    + run_line, encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps({
         "data": str(args.data), "lots": args.lots, "n_lots": len(lots), "n_images": n_images,
         "engine": engine_cfg.model_dump(mode="json"), "batch_size": batch_size,
