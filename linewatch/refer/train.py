@@ -59,6 +59,25 @@ def cache_levels(model: DQFormer, items: list[rdata.ReferItem], device: torch.de
     return [torch.cat(ts) for ts in zip(*out)]
 
 
+# image-aware prompt templates (linewatch.prompts) mixed into training with --tag-prob, so that
+# sentences carrying measured image tags ("... on the dark smooth magnetic tile") stay in
+# distribution for the dqformer engine's IAP-AS prompts
+TAG_TEMPLATES = ("{defect} on the {brightness} {texture} {product}", "{defect} on the {texture} {product}",
+                 "{defect} on the {brightness} {product}", "{defect} on the {orientation} {texture} {product}")
+PRODUCTS = {"magnetic_tile": "magnetic tile", "kolektorsdd": "commutator", "synthetic": "part"}
+
+
+def with_tags(sentence: str, tags, product: str, rng: random.Random) -> str:
+    """``sentence`` rewritten through a random image-aware template with the image's tags: its
+    defect phrase (the part before " on the ") becomes {defect}. Spatial sentences stay as is."""
+    from ..prompts import compose
+
+    if " area" in sentence:
+        return sentence
+    phrase = sentence.split(" on the ", 1)[0]
+    return compose([rng.choice(TAG_TEMPLATES)], [phrase], product, "", tags)[0]
+
+
 def _flip(t: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
     dims = ([-1] if h else []) + ([-2] if v else [])
     return t.flip(dims) if dims else t
@@ -67,10 +86,12 @@ def _flip(t: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
 def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device: str = "cpu",
           batch_size: int = 8, lr: float = 1e-3, backbone_lr: float = 1e-4, seed: int = 0,
           universal_prob: float = 0.3, negative_prob: float = 0.15, resume: bool = False,
-          eval_every: int = 0, progress: bool = True, max_steps: int = 0) -> dict:
+          eval_every: int = 0, progress: bool = True, max_steps: int = 0, tag_prob: float = 0.0,
+          product: str | None = None) -> dict:
     """Train on ``doc``'s train split, evaluate on its test split; returns the final metrics.
 
-    ``max_steps`` > 0 stops early (for tests). Returns ``{"losses": [...per-step], "eval": {...}}``.
+    ``max_steps`` > 0 stops early (for tests). ``tag_prob``: share of training sentences rewritten
+    with the image's measured tags (:func:`with_tags`; ``product`` defaults from the data name). Returns ``{"losses": [...per-step], "eval": {...}}``.
     """
     from tqdm import tqdm
 
@@ -111,6 +132,12 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
         logger.info("cached %d backbone levels of %d images in %.1f s", len(cache),
                     len(train_items), time.monotonic() - t1)
     masks_all = torch.from_numpy(np.stack([it.mask for it in train_items]))
+    tags = []
+    if tag_prob > 0:
+        from ..prompts import measure_tags
+
+        tags = [measure_tags(it.image) for it in train_items]
+        product = product or PRODUCTS.get(doc.get("name", ""), "part")
 
     bb_params = [p for p in model.backbone.parameters() if p.requires_grad]
     head_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
@@ -139,6 +166,9 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
             idx = order[a:a + batch_size]
             picks = [rdata.pick_sentence(train_items[i], rng, kinds, universal, universal_prob,
                                          negative_prob) for i in idx]
+            if tag_prob > 0:
+                picks = [(with_tags(s, tags[i], product, rng) if rng.random() < tag_prob else s, k)
+                         for (s, k), i in zip(picks, idx)]
             enc = text.encode([s for s, _ in picks]).to(dev)
             keep = torch.tensor([k for _, k in picks], dtype=torch.float32)[:, None, None]
             target = masks_all[idx].float() * keep
@@ -206,6 +236,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--universal-prob", type=float, default=0.3)
     parser.add_argument("--negative-prob", type=float, default=0.15,
                         help="share of steps with a wrong-kind sentence and an empty target")
+    parser.add_argument("--tag-prob", type=float, default=0.0,
+                        help="share of training sentences rewritten with measured image tags "
+                             "(IAP-AS templates, e.g. 'a crack on the dark smooth magnetic tile')")
+    parser.add_argument("--product", default=None,
+                        help="{product} word for --tag-prob (default from the data name)")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: end only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -222,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
     res = train(doc, args.out, args.epochs, cfg, device=args.device, batch_size=args.batch_size,
                 lr=args.lr, backbone_lr=args.backbone_lr, seed=args.seed,
                 universal_prob=args.universal_prob, negative_prob=args.negative_prob,
-                resume=args.resume, eval_every=args.eval_every, progress=not args.no_progress)
+                resume=args.resume, eval_every=args.eval_every, progress=not args.no_progress,
+                tag_prob=args.tag_prob, product=args.product)
     print(json.dumps(res["eval"], indent=1))
     return 0
 
