@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -395,6 +396,13 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return start + 1 if len(keys) > 1 else None
 
 
+def _kinds(loc: tuple[Any, ...]) -> str:
+    """The ``kind`` values a discriminated section (``source``, ``engine``) accepts."""
+    field = Config.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+    members = typing.get_args(field.annotation) if field is not None else ()
+    return ", ".join(repr(m.model_fields["kind"].default) for m in members if hasattr(m, "model_fields"))
+
+
 def _format_errors(path: Path | str, text: str, exc: ValidationError, raw: dict[str, Any]) -> list[str]:
     out = []
     for err in exc.errors(include_url=False):
@@ -408,6 +416,14 @@ def _format_errors(path: Path | str, text: str, exc: ValidationError, raw: dict[
         value = err.get("input")
         if err["type"] == "missing":
             out.append(f"{where}: {keypath}: required key is missing")
+            continue
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            tags = (err.get("ctx") or {}).get("expected_tags") or _kinds(clean)
+            ln = _line_of(text, (*clean, "kind")) or line
+            where = f"{path}:{ln}" if ln else f"{path}"
+            got = value.get("kind") if isinstance(value, dict) else None
+            what = f"= {got!r}: unknown kind" if got is not None else "is missing"
+            out.append(f"{where}: {keypath}.kind {what}; expected one of {tags}")
             continue
         if err["type"] == "extra_forbidden":
             out.append(f"{where}: {keypath} = {value!r}: unknown key (not part of linewatch's config)")

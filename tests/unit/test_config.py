@@ -89,3 +89,15 @@ def test_reload_diff_names_changed_keys():
     assert cfgmod.diff(a, b) == {"threshold": ["k_mad"], "ring": ["slots"]}
     live = cfgmod.live_fields()
     assert live["threshold.k_mad"] is True and live["ring.slots"] is False
+
+
+def test_missing_or_unknown_kind_names_the_choices(tmp_path):
+    p = write(tmp_path, "[engine]\nthreads = 2\n")
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert ei.value.lines[0].startswith(f"{p}:1: engine.kind is missing; expected one of 'zeroshot'")
+    p = write(tmp_path, '[source]\nkind = "usb"\n')
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert ei.value.lines == [f"{p}:2: source.kind = 'usb': unknown kind; expected one of "
+                              "'synthetic', 'replay', 'genicam'"]
