@@ -210,6 +210,11 @@ def test_tiles_share_one_extractor_shape():
     assert eng.extractor.calls[0][0] >= 3  # the tall frame became several tiles
 
 
-def test_onnxruntime_backend_not_yet_available():
-    with pytest.raises(NotImplementedError, match="onnxruntime"):
-        ZeroShotEngine(EngineCfg(backend="onnxruntime"))
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="tensorrt is installed")
+def test_tensorrt_backend_without_tensorrt_names_the_package():
+    """Guards against a bare ImportError (or a silent torch fallback) for backend='tensorrt'.
+    (onnxruntime is covered end to end in tests/integration/test_onnx_runtime.py.)"""
+    from linewatch.engines import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="'tensorrt'"):
+        ZeroShotEngine(EngineCfg(backend="tensorrt"))
