@@ -265,7 +265,7 @@ class RefineConfig(Strict):
 
     enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
                             "Off: tier 2 publishes the coarse whole-lot maps.", default=True)
-    steps: int = restart("Training steps per lot, at most.", default=40, ge=1, le=100000)
+    steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
     time_budget_s: float = restart("Wall-clock budget per lot for building samples and training; a "
                                    "round stops at whichever of steps / budget ends first.",
                                    default=30.0, gt=0)
@@ -276,14 +276,14 @@ class RefineConfig(Strict):
         default=0.6, gt=0, le=1)
     min_pseudo_normals: int = restart("A lot with fewer pseudo-normal frames is not trained on.",
                                       default=2, ge=1)
-    samples_per_lot: int = restart("Synthetic-anomaly training samples built per lot.", default=16,
+    samples_per_lot: int = restart("Synthetic-anomaly training samples built per lot.", default=8,
                                    ge=1, le=4096)
     references: int = restart("Frames each training sample is mutually scored against.", default=6,
                               ge=1, le=256)
-    batch_size: int = restart("Crops per training step.", default=8, ge=1, le=256)
+    batch_size: int = restart("Crops per training step.", default=4, ge=1, le=256)
     crop_px: int = restart("Side of the square training crops, in working-geometry pixels.",
-                           default=128, ge=32, le=2048)
-    lr: float = restart("Adam learning rate.", default=2e-3, gt=0)
+                           default=96, ge=32, le=2048)
+    lr: float = restart("Adam learning rate.", default=1e-3, gt=0)
     width: int = restart("Channels of the decoder at the patch scale.", default=24, ge=4, le=256)
     seed: int = restart("Random seed of the synthesis and training.", default=0)
 
