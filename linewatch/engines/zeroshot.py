@@ -352,9 +352,10 @@ class ZeroShotEngine:
         return out
 
     def close(self) -> None:
-        """Forget all kept features; stop the PGT worker."""
+        """Forget all kept features; tell the PGT worker to stop (without waiting for it: close
+        runs on the inspector thread when the engine is swapped, and must not stall tier 1)."""
         if self.refiner is not None:
-            self.refiner.close()
+            self.refiner.close(timeout_s=0.0)
         with self._lock:
             self._lots.clear()
             self._previous = []
