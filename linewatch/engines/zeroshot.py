@@ -58,7 +58,9 @@ logger = logging.getLogger(__name__)
 FeatureExtractor = Callable[[np.ndarray], np.ndarray]
 
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
-MAX_OPEN_LOTS = 2  # lots whose features are kept while open; an older one is rolled over
+# lots whose features are kept until lot_closed: the open one plus closed lots still queued for the
+# lot closer (its queue holds 8; beyond that it skips a lot explicitly). An older one is rolled over.
+MAX_OPEN_LOTS = 10
 MAX_LOT_FRAMES = 256  # frames of one lot kept for tier 2 (oldest dropped beyond, and counted)
 SMOOTH_SIGMA_CELLS = 0.5  # Gaussian blur of the patch-score grid (4 px of the resized frame)
 IMAGE_TOP_FRACTION = 0.01  # image score = mean of the top 1 % of the map
