@@ -14,13 +14,16 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
    the score branch is updated from the features (both directions, residual);
 3. refinement blocks while upsampling 1/8 -> 1/4 -> 1/2 -> 1, each fed with a light image stem at
    its scale (pixel detail the patch grid lacks) and the upsampled coarse scores;
-4. output: a logit map ``up(z) + beta + gate(up(z)) * delta``: the coarse map is a fixed skip and
+4. output: a score map ``up(z) + gate(up(z)) * delta`` in lot units: the coarse map is a fixed skip and
    the decoder learns a bounded correction ``delta`` (``DELTA_MAX`` z-units: sharper edges,
    suppressed false alarms inside a suspicious area) that acts only where the coarse map is
    already suspicious (``gate`` rises from 0 below z = 0 to 1 above z = 1). The head starts at
    zero, so an untrained ARD returns the normalised, upsampled coarse map; and since the skip is
    fixed and the correction bounded and gated, training on synthetic anomalies cannot make the
    decoder invent detections on normal texture or forget what the zero-shot scores know.
+   Training adds a learned bias ``beta`` to turn the map into logits; it is left out of the map
+   itself, so maps from ARD versions trained on different lots stay comparable (a bias that
+   drifts from version to version would reorder pixels across lots).
 
 No batch norm (a test-time-trained decoder sees tiny batches; train and eval behave the same).
 """
@@ -84,7 +87,8 @@ class RefineBlock(nn.Module):
 
 
 class ARD(nn.Module):
-    """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W logits."""
+    """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W score
+    maps; ``map + beta`` are the training logits."""
 
     def __init__(self, feat_dim: int, width: int = 24):
         super().__init__()
@@ -118,7 +122,7 @@ class ARD(nn.Module):
         x = self.up2(x, i2, z2)
         x = self.up1(x, image, z1)
         gate = torch.sigmoid(GATE_SLOPE * (z1 - GATE_CENTRE))
-        return z1 + self.beta + gate * DELTA_MAX * torch.tanh(self.head(x) / DELTA_MAX)
+        return z1 + gate * DELTA_MAX * torch.tanh(self.head(x) / DELTA_MAX)
 
 
 # ------------------------------------------------------------------------------ score units

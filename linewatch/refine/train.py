@@ -91,7 +91,7 @@ def train_ard(ard: ARD, samples: Sequence[Sample], steps: int, time_budget_s: fl
         feat = torch.stack([p[1] for p in parts])
         z = torch.stack([p[2] for p in parts])[:, None]
         target = torch.stack([p[3] for p in parts])[:, None].float()
-        loss = _loss(ard(img, feat, z), target)
+        loss = _loss(ard(img, feat, z) + ard.beta, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
