@@ -34,7 +34,7 @@ ALTERNATIVE_SOURCES = {
 
 ALTERNATIVE_ENGINES = {
     "dqformer (referring segmentation, outputs a mask: no threshold)": DQFormerEngine(
-        checkpoint="var/dqformer/mt256/last.pt",  # type: ignore[arg-type]
+        checkpoint="var/dqformer/mt256_tags/last.pt",  # type: ignore[arg-type]
         recipes={"tile_a": RecipePrompts(product="magnetic tile", defects=["a crack", "a blowhole"])}),
     "clip (needs the 'clip' extra and a local CLIP folder)": ClipEngine(),
 }

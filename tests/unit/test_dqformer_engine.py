@@ -106,7 +106,7 @@ def test_documented_alternative_engine_blocks_parse_when_uncommented(tmp_path):
         body = "\n".join(ln[2:] for ln in keep)
         ckpt = tmp_path / "last.pt"
         ckpt.write_bytes(b"")
-        body = body.replace('"var/dqformer/mt256/last.pt"', f'"{ckpt}"')
+        body = body.replace('"var/dqformer/mt256_tags/last.pt"', f'"{ckpt}"')
         eng = Config.model_validate(__import__("tomllib").loads(body)).engine
         assert eng.kind == kind
         if kind == "dqformer":
