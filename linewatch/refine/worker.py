@@ -140,7 +140,9 @@ class Refiner:
                 logger.info("PGT busy: lot %s replaced by lot %s before training", self._pending.lot_id, job.lot_id)
             self._pending = job
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pgt", daemon=True)
+                # not a daemon thread: a torch op cut short by interpreter teardown aborts the
+                # process; close() makes a round stop at its next step
+                self._thread = threading.Thread(target=self._run, name="pgt", daemon=False)
                 self._thread.start()
             self._wake.notify_all()
 
