@@ -193,11 +193,17 @@ def test_lot_bank_is_bounded_and_counts_drops():
 
 
 def test_unclosed_lots_are_rolled_over():
+    """Lots past MAX_OPEN_LOTS that were never closed become the previous-lot references; up to
+    MAX_OPEN_LOTS stay (closed lots waiting for a lot closer that is behind keep their features)."""
+    from linewatch.engines.zeroshot import MAX_OPEN_LOTS
+
     eng = _engine()
-    for k, lot in enumerate("abc"):
+    lots = [f"lot{k}" for k in range(MAX_OPEN_LOTS + 1)]
+    for k, lot in enumerate(lots):
         eng.infer(_frames(2), _metas(2 * k, 2, lot))
-    assert set(eng._lots) == {"b", "c"}
+    assert set(eng._lots) == set(lots[1:])
     assert [e.frame_id for e in eng._previous] == [0, 1]
+    assert eng.lot_closed(lots[1])  # still there for a late lot closer
 
 
 def test_tiles_share_one_extractor_shape():
