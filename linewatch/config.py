@@ -264,7 +264,9 @@ class RefineConfig(Strict):
     earlier lot, then train the next ARD on this lot (PGT) in a background thread."""
 
     enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
-                            "Off: tier 2 publishes the coarse whole-lot maps.", default=True)
+                            "Off: tier 2 publishes the coarse whole-lot maps. Off by default: on "
+                            "Kolektor and Magnetic-tile the refined maps do not yet beat the coarse "
+                            "ones (see `linewatch eval --methods coarse,refined`).", default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
     time_budget_s: float = restart("Wall-clock budget per lot for building samples and training; a "
                                    "round stops at whichever of steps / budget ends first.",
