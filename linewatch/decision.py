@@ -15,19 +15,25 @@ from .frames import Region
 logger = logging.getLogger(__name__)
 
 
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
 def regions_from_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
                       label: str = "anomaly") -> list[Region]:
     """Connected components of ``mask`` (8-connected) of at least ``min_area_px`` pixels, each
     with its bbox (x0, y0, x1, y1; exclusive upper bounds), area and max score, largest first."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     if n == 0:
         return []
-    idx = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, idx)
-    maxes = ndimage.maximum(score_map, labels, idx)
+    # per-label area and peak over the masked pixels only (ndimage.sum_labels / maximum scan the
+    # whole frame per call: ~1 ms each at 256 x 256, on the per-frame path)
+    lab = labels[mask]
+    areas = np.bincount(lab, minlength=n + 1)[1:]
+    maxes = np.full(n + 1, -np.inf, dtype=np.float64)
+    np.maximum.at(maxes, lab, score_map[mask])
     boxes = ndimage.find_objects(labels)
     out = []
-    for i, (area, peak, sl) in enumerate(zip(areas, maxes, boxes)):
+    for i, (area, peak, sl) in enumerate(zip(areas, maxes[1:], boxes)):
         if area < min_area_px or sl is None:
             continue
         ys, xs = sl

@@ -103,6 +103,7 @@ class Publisher:
         self.sent = 0
         self.dropped = 0
         self.busy_s = 0.0
+        self.cpu_s = 0.0  # CPU seconds of the publisher thread spent encoding and sending
         self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
         self._stop = threading.Event()
         self._sock = ctx.socket(zmq.PUB)
@@ -136,9 +137,10 @@ class Publisher:
                 if self._stop.is_set():
                     break
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             self._emit(kind, header, payload)
             self.busy_s += time.perf_counter() - t0
+            self.cpu_s += time.thread_time() - c0
         self._sock.close(linger=1000)
 
     def _emit(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:

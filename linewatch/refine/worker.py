@@ -168,6 +168,9 @@ class Refiner:
             thread.join(timeout_s)
 
     def _run(self) -> None:
+        from ..inspector import TIER2_NICE, lower_priority
+
+        lower_priority(TIER2_NICE)  # test-time training is background work, like tier 2
         while True:
             with self._lock:
                 while self._pending is None and not self._stop:

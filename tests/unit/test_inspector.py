@@ -126,3 +126,23 @@ def test_threshold_free_engine_decides_by_its_mask():
     assert r.verdict is Verdict.NG and r.regions[0].bbox == (2, 2, 5, 4) and r.regions[0].area_px == 6
     out = EngineOutput(np.zeros((H, W), np.float32), 0.0, mask=np.zeros((H, W), bool))
     assert decide(out, meta, Threshold(ThresholdConfig()), 0, {}).verdict is Verdict.OK
+
+
+def test_regions_match_the_scipy_reference_on_random_masks():
+    """Guards the fast per-label area/peak path against the plain ndimage reference."""
+    from scipy import ndimage
+
+    from linewatch.decision import regions_from_mask
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        m = ndimage.binary_dilation(rng.random((40, 50)) > 0.97, iterations=int(rng.integers(0, 3)))
+        s = rng.random((40, 50)).astype(np.float32)
+        got = regions_from_mask(m, s, 3)
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+        idx = np.arange(1, n + 1)
+        areas = ndimage.sum_labels(np.ones_like(lab), lab, idx)
+        peaks = ndimage.maximum(s, lab, idx)
+        ref = sorted(((int(a), float(p)) for a, p in zip(areas, peaks) if a >= 3), key=lambda x: -x[0])
+        assert [r.area_px for r in got] == [a for a, _ in ref]
+        assert np.allclose(sorted(r.score for r in got), sorted(p for _, p in ref))
