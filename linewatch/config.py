@@ -316,7 +316,9 @@ class PublishConfig(Strict):
     sndhwm: int = restart("PUB send high-water mark (messages); beyond it a slow subscriber loses "
                           "messages, which it sees as seq gaps.", default=10000, ge=1)
     heartbeat_s: float = live("Heartbeat period.", default=1.0, gt=0)
-    payload: Literal["none", "mask", "score_map"] = live("PNG payload attached to frame results.",
+    payload: Literal["none", "mask", "score_map"] = live("PNG payload attached to frame results: mask = "
+                                                         "the defect mask of NG frames; score_map = the "
+                                                         "score map of OK and NG frames.",
                                                          default="mask")
 
 

@@ -76,7 +76,9 @@ class Dispatcher:
         payload = None
         mode = d.cfg.publish.payload
         if r.verdict in (Verdict.OK, Verdict.NG):
-            payload = r.mask if mode == "mask" else r.score_map if mode == "score_map" else None
+            # an OK part has no defect to outline: its mask would be an empty PNG on every frame
+            payload = (r.mask if mode == "mask" and r.verdict is Verdict.NG else
+                       r.score_map if mode == "score_map" else None)
         d.publisher.send("frame", frame_header(r, d.cfg.daemon.line), payload)
         if r.verdict is Verdict.FAULT:
             d.publisher.send("fault", {"kind": "fault", "line": d.cfg.daemon.line, "camera": r.frame.camera,

@@ -53,7 +53,8 @@ def test_synthetic_line_every_frame_answered_once_on_wire_and_in_db(tmp_path):
     db_lots = query.fetch_lots(cfg.store.url)
     assert len(db_lots) == 3 and all(row["closed_at"] is not None for row in db_lots)
     assert sum(row["n_ok"] + row["n_ng"] + row["n_not_inspected"] + row["n_fault"] for row in db_lots) == n
-    # the mask payload is a PNG of the frame's size
+    # the mask payload is a PNG of the frame's size, sent with NG frames only
+    assert {h["verdict"] for t, h, p in run.messages if p is not None} == {"NG"}
     png = run.payloads()[0]
     assert Image.open(io.BytesIO(png)).size == (128, 128)
 
