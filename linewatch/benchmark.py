@@ -289,14 +289,11 @@ def model_params(model: str, engine_cfg, size: int) -> dict:
 
 def run(args) -> int:
     """Entry point of ``linewatch bench``."""
-    from .config import Config, ConfigError, load
+    from .config import Config, load_or_report
 
     if Path(args.config).is_file():
-        try:
-            cfg = load(args.config)
-        except ConfigError as exc:
-            for line in exc.lines:
-                print(line, file=sys.stderr)
+        cfg = load_or_report(args.config)
+        if cfg is None:
             return 1
     else:
         print(f"linewatch bench: {args.config} not found; using the built-in defaults", file=sys.stderr)

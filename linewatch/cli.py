@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .config import load_or_report
 
 logger = logging.getLogger("linewatch")
 
@@ -29,20 +30,9 @@ def _setup_logging(level: str = "INFO") -> None:
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def _load(path: str):
-    from .config import ConfigError, load
-
-    try:
-        return load(path), None
-    except ConfigError as exc:
-        return None, exc
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg, err = _load(args.config)
-    if err is not None:
-        for line in err.lines:
-            print(line, file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 1
     if args.print:
         from .config import to_toml
@@ -65,10 +55,8 @@ def _run_daemon(cfg, config_path: Path | None, exit_at_source_end: bool = False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg, err = _load(args.config)
-    if err is not None:
-        for line in err.lines:
-            print(line, file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 1
     _setup_logging(cfg.daemon.log_level)
     return _run_daemon(cfg, Path(args.config))
@@ -78,10 +66,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Run the daemon with the source replaced by a folder replay, stop at its end."""
     from .config import ReplaySource
 
-    cfg, err = _load(args.config)
-    if err is not None:
-        for line in err.lines:
-            print(line, file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 1
     if not Path(args.folder).is_dir():
         print(f"linewatch replay: folder not found: {args.folder}", file=sys.stderr)

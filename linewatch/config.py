@@ -7,6 +7,7 @@ reload at once; the others need a restart of their stage, which the daemon does 
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 import typing
 from pathlib import Path
@@ -463,6 +464,16 @@ def load(path: Path | str) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(p, [f"{p}: cannot read config: {exc}"]) from None
     return parse(text, p)
+
+
+def load_or_report(path: Path | str) -> Config | None:
+    """``load`` for a command: on a bad config, print its lines to stderr and return None."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        return None
 
 
 def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:

@@ -25,7 +25,7 @@ import numpy as np
 from .config import InspectConfig, ThresholdConfig
 from .decision import Threshold, regions_from_mask
 from .engines.base import Engine
-from .frames import EngineOutput, FrameMeta, LotEvent, LotEventKind, Result, Verdict
+from .frames import EngineOutput, FrameMeta, LotEvent, Result, Verdict
 from .ring import FrameRing, Handle, StaleHandle
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import Config, ConfigError, SyntheticSource, load
+from ..config import Config, SyntheticSource, load_or_report
 from . import create_source
 
 
@@ -51,10 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load(args.config) if args.config else Config()
-    except ConfigError as exc:
-        print("\n".join(exc.lines), file=sys.stderr)
+    cfg = load_or_report(args.config) if args.config else Config()
+    if cfg is None:
         return 1
     src = cfg.source if isinstance(cfg.source, SyntheticSource) else SyntheticSource()
     if args.out.exists() and any(args.out.iterdir()):

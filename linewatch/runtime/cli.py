@@ -74,13 +74,10 @@ def _targets(args, cfg) -> list[tuple[str, dict]]:
 
 def run(args) -> int:
     """Entry point of ``linewatch engines``; returns the exit code."""
-    from ..config import ConfigError, load
+    from ..config import load_or_report
 
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
+    cfg = load_or_report(args.config)
+    if cfg is None:
         return 1
     engines_dir = args.engines_dir or Path(getattr(cfg.engine, "engines_dir", "engines"))
     try:

@@ -3,7 +3,6 @@ are FAULT; an uncalibrated threshold is NOT_INSPECTED; batches respect size and 
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
