@@ -46,8 +46,9 @@ from linewatch.daemon import Daemon  # noqa: E402
 from linewatch.engines import create_engine  # noqa: E402
 
 
-def bench_config(tmp: Path, backend: str, size: int, fps: float, n: int, policy: str | None):
-    base = cfgmod.load(ROOT / "config.toml")
+def bench_config(tmp: Path, backend: str, size: int, fps: float, n: int, policy: str | None,
+                 config: Path = ROOT / "config.toml"):
+    base = cfgmod.load(config)
     src = base.source.model_copy(update={"kind": "synthetic", "width": size, "height": size, "fps": fps,
                                          "n_frames": n})
     if not isinstance(base.source, cfgmod.SyntheticSource):
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=25.0, help="source frames/s of the paced run")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    ap.add_argument("--config", type=Path, default=ROOT / "config.toml",
+                    help="config whose sections are used (source, endpoints and store are replaced)")
     ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args(argv)
     import logging
@@ -153,19 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        cfg = bench_config(tmp / "a", args.backend, args.size, 0.0, args.frames, "block")
+        cfg = bench_config(tmp / "a", args.backend, args.size, 0.0, args.frames, "block", args.config)
         (tmp / "a").mkdir()
         results["engine alone (baseline)"] = engine_alone(cfg, args.frames)
         results["daemon, max rate (ring: block)"] = daemon_run(cfg, args.frames)
         (tmp / "b").mkdir()
-        paced = bench_config(tmp / "b", args.backend, args.size, args.rate, args.frames, None)
+        paced = bench_config(tmp / "b", args.backend, args.size, args.rate, args.frames, None, args.config)
         results[f"daemon, paced {args.rate:g} fps (ring: {paced.ring.policy})"] = daemon_run(paced, args.frames)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     head = (f"daemon benchmark, {dt.date.today().isoformat()}, {platform.node() or 'host'}: "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, backend {args.backend}, synthetic {args.size}x{args.size}x3, "
-            f"{args.frames} frames per row, shipped config.toml (batch {cfg.inspect.batch_size}, "
-            f"lots of {cfg.lots.part_count})")
+            f"{args.frames} frames per row, {args.config.name} (batch {cfg.inspect.batch_size}, "
+            f"lots of {cfg.lots.part_count}, tier 2: {cfg.engine.tier2_references} references, "
+            f"stride {cfg.engine.tier2_ref_stride})")
     lines = [head, "",
              "| run | frames/s | latency p50 ms | latency p99 ms | overhead ms/frame | dropped | unaccounted |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -151,6 +151,13 @@ class ZeroShotEngine(Strict):
     feature_dim: int = restart("Patch features are projected to this many dimensions (0 = keep all).",
                                default=0, ge=0)
     threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
+    tier2_references: int = restart(
+        "Tier 2 (lot end): how many other frames of the lot each frame is compared with, spread over "
+        "the lot. Tier-2 cost grows with this; on a small CPU box lower it (e.g. 16) if lots close "
+        "faster than tier 2 finishes them.", default=32, ge=1, le=256)
+    tier2_ref_stride: int = restart(
+        "Tier 2: keep every n-th reference patch in each direction (1 = all; 2 = a quarter, about 4x "
+        "cheaper).", default=1, ge=1, le=4)
     engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
 
 

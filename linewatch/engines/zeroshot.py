@@ -156,7 +156,7 @@ class ZeroShotEngine:
     """
 
     def __init__(self, cfg, extractor: FeatureExtractor | None = None, *, ref_stride: int = 2,
-                 tier2_ref_stride: int = 1, tier2_references: int = 32,
+                 tier2_ref_stride: int | None = None, tier2_references: int | None = None,
                  max_lot_frames: int = MAX_LOT_FRAMES, batch_size: int = 4):
         self.cfg = cfg
         if cfg.threads > 0:
@@ -174,8 +174,9 @@ class ZeroShotEngine:
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
                         f"-k{cfg.topk_fraction:g}-rs{ref_stride}")
         self.ref_stride = int(ref_stride)
-        self.tier2_ref_stride = int(tier2_ref_stride)
-        self.tier2_references = int(tier2_references)
+        # tier-2 budget: the config's unless given here (tests, evaluation)
+        self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
+        self.tier2_references = int(tier2_references or getattr(cfg, "tier2_references", 32))
         self.max_lot_frames = int(max_lot_frames)
         self._lots: dict[str, deque[_Entry]] = {}
         self._previous: list[_Entry] = []
