@@ -113,7 +113,6 @@ class Inspector:
         self.model = model_info(engine)
         self.t_heartbeat = time.monotonic()
         self.engine_s = 0.0  # time inside engine.infer
-        self.busy_s = 0.0  # time in the loop besides waiting, engine included
         # CPU seconds of this thread (time.thread_time): the daemon's own cost is cpu_s - engine_cpu_s
         self.cpu_s = 0.0
         self.engine_cpu_s = 0.0
@@ -148,12 +147,11 @@ class Inspector:
                 if self._stop.is_set():
                     return
                 continue
-            t0, c0 = time.perf_counter(), time.thread_time()
+            c0 = time.thread_time()
             if isinstance(items[0], LotEvent):
                 self.on_lot(items[0])
             else:
                 self._inspect([h for h in items if isinstance(h, Handle)])
-            self.busy_s += time.perf_counter() - t0
             self.cpu_s += time.thread_time() - c0
 
     def _fault(self, meta: FrameMeta, reason: str) -> None:

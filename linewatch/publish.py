@@ -102,7 +102,6 @@ class Publisher:
         self.seq = 0
         self.sent = 0
         self.dropped = 0
-        self.busy_s = 0.0
         self.cpu_s = 0.0  # CPU seconds of the publisher thread spent encoding and sending
         self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
         self._stop = threading.Event()
@@ -137,9 +136,8 @@ class Publisher:
                 if self._stop.is_set():
                     break
                 continue
-            t0, c0 = time.perf_counter(), time.thread_time()
+            c0 = time.thread_time()
             self._emit(kind, header, payload)
-            self.busy_s += time.perf_counter() - t0
             self.cpu_s += time.thread_time() - c0
         self._sock.close(linger=1000)
 
