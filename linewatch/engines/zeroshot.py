@@ -287,7 +287,8 @@ class ZeroShotEngine:
         if bank is None:
             while len(self._lots) >= MAX_OPEN_LOTS:
                 stale = next(iter(self._lots))
-                logger.warning("lot %r was never closed; its features become the previous lot", stale)
+                logger.warning("lot %r left without tier 2 (never closed, or its tier 2 was skipped); its "
+                               "features become the previous lot", stale)
                 self._roll(self._lots.pop(stale))
             bank = self._lots[lot_id] = deque()
         if len(bank) >= self.max_lot_frames:
