@@ -347,7 +347,9 @@ class ZeroShotEngine:
         out = {}
         for e, m in zip(entries, logits):
             smap = refiner.to_frame(m, e.frame_hw[0], e.frame_hw[1])
-            out[e.frame_id] = EngineOutput(score_map=smap, image_score=zs.image_score(smap, TIER2_IMAGE_TOP_FRACTION))
+            # the ARD refines localisation; the frame's score stays the coarse one (the refined
+            # maps' top-1 % mean ranked frames worse: Kolektor image-AUROC 0.77 vs 0.85 coarse)
+            out[e.frame_id] = EngineOutput(score_map=smap, image_score=coarse[e.frame_id].image_score)
         self.last_coarse = coarse
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],

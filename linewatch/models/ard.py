@@ -14,8 +14,9 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
    the score branch is updated from the features (both directions, residual);
 3. refinement blocks while upsampling 1/8 -> 1/4 -> 1/2 -> 1, each fed with a light image stem at
    its scale (pixel detail the patch grid lacks) and the upsampled coarse scores;
-4. output: a score map ``up(z) + delta`` in lot units: the coarse map is a fixed skip and the
-   decoder learns a bounded correction ``delta`` (at most ``DELTA_MAX`` units: sharper edges,
+4. output: a score map ``up(z) + delta`` in lot units: the coarse map (blurred like the engine's
+   coarse maps, ``skip_sigma``) is a fixed skip and the decoder learns a bounded correction
+   ``delta`` with zero median over each frame (at most ``DELTA_MAX`` = 0.5 units: sharper edges,
    suppressed false alarms, boosted misses). The head starts at zero, so an untrained ARD returns
    the normalised, upsampled coarse map. The correction is deliberately not gated by the coarse
    score: a gate made a constant learned correction z-dependent (``z - 2 sigmoid(4 (z - 0.5))``
@@ -35,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 GRID_STRIDE = 8  # the coarse grid and the features are at 1/8 of the ARD input
-DELTA_MAX = 2.0  # largest correction, in lot score units
+DELTA_MAX = 0.5  # largest correction, in lot score units (2.0 and 1.0 buried weak real defects in noise)
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -88,10 +89,13 @@ class ARD(nn.Module):
     """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W score
     maps; ``map + beta`` are the training logits."""
 
-    def __init__(self, feat_dim: int, width: int = 24):
+    def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0):
         super().__init__()
         self.feat_dim = int(feat_dim)
         self.width = int(width)
+        # Gaussian blur (grid cells) of the coarse skip: the engine's coarse maps are blurred the
+        # same way (``SMOOTH_SIGMA_CELLS``), so an untrained ARD reproduces them exactly
+        self.skip_sigma = float(skip_sigma)
         sw = max(4, width // 3)
         self.attention = AnomalyAttention(feat_dim, width)
         self.interact = BidirectionalInteraction(width, sw)
@@ -115,11 +119,29 @@ class ARD(nn.Module):
         i4 = self.stem4(i2)
         z4 = F.interpolate(z, size=i4.shape[-2:], mode="bilinear", align_corners=False)
         z2 = F.interpolate(z, size=i2.shape[-2:], mode="bilinear", align_corners=False)
-        z1 = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
+        z1 = F.interpolate(_smooth(z, self.skip_sigma), size=(h, w), mode="bilinear", align_corners=False)
         x = self.up4(torch.cat([f, s], 1), i4, z4)
         x = self.up2(x, i2, z2)
         x = self.up1(x, image, z1)
-        return z1 + DELTA_MAX * torch.tanh(self.head(x) / DELTA_MAX)
+        # the head output is centred on its median over each frame (median of the row medians)
+        # before the bound: the decoder reshapes a frame's map but cannot shift the whole frame up
+        # or down (a per-frame shift reorders pixels across frames and lots), and a constant in the
+        # head output has no effect at all (no drift into the saturated part of tanh)
+        h = self.head(x)
+        h = h - h.median(dim=-1, keepdim=True).values.median(dim=-2, keepdim=True).values
+        return z1 + DELTA_MAX * torch.tanh(h / DELTA_MAX)
+
+
+def _smooth(z: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of N x 1 x h x w grids (replicate borders), as ``zeroshot.smooth_grid``."""
+    if sigma <= 0:
+        return z
+    from .zeroshot import _gaussian_kernel
+
+    k = _gaussian_kernel(sigma).to(z.device, z.dtype)
+    r = k.numel() // 2
+    m = F.conv2d(F.pad(z, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
 
 
 # ------------------------------------------------------------------------------ score units

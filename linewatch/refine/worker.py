@@ -79,7 +79,10 @@ class Refiner:
         self.run_id = f"{int(time.time()):x}"
         self._rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self._base = ARD(self.feat_dim, width=cfg.width)  # untrained: returns the coarse map as is
+        from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
+
+        # untrained: returns the coarse map as is (blurred like the engine's coarse maps)
+        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS)
         self._base.eval()
         self._current: ARDVersion | None = None
         self._lock = threading.Lock()

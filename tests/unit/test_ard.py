@@ -41,6 +41,29 @@ def test_untrained_decoder_returns_the_coarse_map_upsampled():
     assert torch.allclose(out, up, atol=1e-6)
 
 
+def test_untrained_decoder_with_skip_blur_returns_the_engine_coarse_map():
+    """With ``skip_sigma`` the untrained ARD reproduces the engine's blurred coarse map."""
+    from linewatch.models.zeroshot import to_pixel_map
+
+    img, feat, z = _inputs()
+    with torch.inference_mode():
+        out = ARD(feat_dim=12, width=8, skip_sigma=0.5)(img, feat, z)
+    for k in range(2):
+        ref = torch.from_numpy(to_pixel_map(z[k, 0], 64, 96, 0.5))
+        assert torch.allclose(out[k, 0], ref, atol=1e-5)
+
+
+def test_correction_cannot_shift_a_whole_frame():
+    """A constant head output (a per-frame bias) is removed: the map stays the coarse map."""
+    img, feat, z = _inputs()
+    ard = ARD(feat_dim=12, width=8)
+    torch.nn.init.constant_(ard.head.bias, 0.7)
+    with torch.inference_mode():
+        out = ard(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, up, atol=1e-5)
+
+
 def test_mismatched_grids_are_refused():
     img, feat, z = _inputs()
     with pytest.raises(ValueError, match="1/8"):

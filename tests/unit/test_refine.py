@@ -110,8 +110,11 @@ def test_refine_uses_the_given_version_and_maps_to_the_frame_grid():
     r = Refiner(_cfg(), 3, FakeExtract(), 0.3)
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
     maps = r.refine(images, feats, z, None)
-    up = F.interpolate(torch.stack(z)[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-    assert np.allclose(np.stack(maps), up.numpy(), atol=1e-5)  # no ARD yet: the coarse map as is
+    from linewatch.engines.zeroshot import SMOOTH_SIGMA_CELLS
+    from linewatch.models.zeroshot import to_pixel_map
+
+    up = np.stack([to_pixel_map(g, H, W, SMOOTH_SIGMA_CELLS) for g in z])
+    assert np.allclose(np.stack(maps), up, atol=1e-5)  # no ARD yet: the engine's coarse map as is
     full = Refiner.to_frame(maps[0], 64, 96)
     assert full.shape == (64, 96) and full.dtype == np.float32
 
