@@ -128,7 +128,7 @@ class ARD(nn.Module):
         # or down (a per-frame shift reorders pixels across frames and lots), and a constant in the
         # head output has no effect at all (no drift into the saturated part of tanh)
         h = self.head(x)
-        h = h - h.median(dim=-1, keepdim=True).values.median(dim=-2, keepdim=True).values
+        h = h - _lower_median(_lower_median(h, -1), -2)
         return z1 + DELTA_MAX * torch.tanh(h / DELTA_MAX)
 
 
@@ -153,6 +153,13 @@ def grid_scale(grids: list[torch.Tensor]) -> float:
         q = torch.quantile(g.float().reshape(-1), torch.tensor([0.5, 0.99]))
         spans.append(float(q[1] - q[0]))
     return max(float(np.median(spans)), 1e-6)
+
+
+def _lower_median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.median(dim, keepdim=True).values`` (the lower middle value) written with ``sort``, which
+    exports to ONNX (``aten::median`` has no ONNX export at opset 17)."""
+    n = x.shape[dim]
+    return x.sort(dim=dim).values.narrow(dim, (n - 1) // 2, 1)
 
 
 def lot_median(grids: list[torch.Tensor]) -> float:
