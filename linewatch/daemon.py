@@ -289,6 +289,7 @@ class Daemon:
             "frames_in": ring.frames_in if ring else 0, "verdicts": dict(d.verdicts),
             "drops": dict(ring.drops) if ring else {}, "camera_lost": self.camera_lost,
             "ring_depth": ring.depth() if ring else 0,
+            "ring_blocked_s": round(ring.blocked_s, 3) if ring else 0.0,
             "lot": self.tracker.current.lot_id if getattr(self, "tracker", None) and self.tracker.current else None,
             "publisher_dropped": self.publisher.dropped if hasattr(self, "publisher") else 0,
         }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -26,21 +25,10 @@ from .config import InspectConfig, ThresholdConfig
 from .decision import Threshold, regions_from_mask
 from .engines.base import Engine
 from .frames import EngineOutput, FrameMeta, LotEvent, Result, Verdict
+from .priority import TIER2_NICE, lower_priority
 from .ring import FrameRing, Handle, StaleHandle
 
 logger = logging.getLogger(__name__)
-
-
-TIER2_NICE = 10  # tier 2 is background work: on a small box tier 1 must win the CPU
-
-
-def lower_priority(nice: int) -> None:
-    """Raise the calling thread's nice value (Linux: per thread; threads it starts later, such as
-    its OpenMP workers, inherit it). Best effort: elsewhere, or when refused, it changes nothing."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError) as exc:
-        logger.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 def model_info(engine: Engine) -> dict[str, str]:

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from ..models.ard import ARD
 from ..models.backbone import preprocess
+from ..priority import TIER2_NICE, lower_priority
 from .pseudo import select_pseudo_normals
 from .synth import Extract, make_samples
 from .train import train_ard
@@ -171,8 +172,6 @@ class Refiner:
             thread.join(timeout_s)
 
     def _run(self) -> None:
-        from ..inspector import TIER2_NICE, lower_priority
-
         lower_priority(TIER2_NICE)  # test-time training is background work, like tier 2
         while True:
             with self._lock:
