@@ -295,6 +295,11 @@ class RefineConfig(Strict):
                            default=96, ge=32, le=2048)
     lr: float = restart("Adam learning rate.", default=1e-3, gt=0)
     width: int = restart("Channels of the decoder at the patch scale.", default=24, ge=4, le=256)
+    delta_max: float = restart("Largest change the decoder may make to a coarse score, in lot score "
+                               "units (it reshapes the coarse map within +- this bound). Larger "
+                               "values fit the synthetic anomalies better but, measured on Kolektor, "
+                               "localise real defects worse (bench/refine_replay.py).",
+                               default=0.5, gt=0, le=10)
     seed: int = restart("Random seed of the synthesis and training.", default=0)
 
 

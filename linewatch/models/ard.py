@@ -17,7 +17,7 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
 4. output: a score map ``up(z) + delta`` in lot units: the coarse map (blurred like the engine's
    coarse maps, ``skip_sigma``) is a fixed skip and the decoder learns a bounded correction
    ``delta`` with zero median over each frame (at most ``DELTA_MAX`` = 0.5 units: sharper edges,
-   suppressed false alarms, boosted misses). The head starts at zero, so an untrained ARD returns
+   suppressed false alarms, boosted misses; config ``[refine] delta_max``). The head starts at zero, so an untrained ARD returns
    the normalised, upsampled coarse map. The correction is deliberately not gated by the coarse
    score: a gate made a constant learned correction z-dependent (``z - 2 sigmoid(4 (z - 0.5))``
    falls as z rises), which inverted the ranking (Kolektor refined pixel-AUROC 0.24).
@@ -89,10 +89,13 @@ class ARD(nn.Module):
     """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W score
     maps; ``map + beta`` are the training logits."""
 
-    def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0):
+    def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0, delta_max: float = DELTA_MAX):
         super().__init__()
         self.feat_dim = int(feat_dim)
         self.width = int(width)
+        if not delta_max > 0:
+            raise ValueError(f"delta_max must be > 0, got {delta_max}")
+        self.delta_max = float(delta_max)  # bound of the correction, lot score units
         # Gaussian blur (grid cells) of the coarse skip: the engine's coarse maps are blurred the
         # same way (``SMOOTH_SIGMA_CELLS``), so an untrained ARD reproduces them exactly
         self.skip_sigma = float(skip_sigma)
@@ -129,7 +132,7 @@ class ARD(nn.Module):
         # head output has no effect at all (no drift into the saturated part of tanh)
         h = self.head(x)
         h = h - _lower_median(_lower_median(h, -1), -2)
-        return z1 + DELTA_MAX * torch.tanh(h / DELTA_MAX)
+        return z1 + self.delta_max * torch.tanh(h / self.delta_max)
 
 
 def _smooth(z: torch.Tensor, sigma: float) -> torch.Tensor:

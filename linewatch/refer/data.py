@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,10 +219,20 @@ def shared_data_root() -> Path:
 
 
 def save(doc: dict, path: Path | str) -> Path:
-    """Write a referring data document as JSON (creating the folder)."""
+    """Write a referring data document as JSON (creating the folder). Relative image and mask
+    paths (relative to the working directory, as builders make them) are rewritten relative to
+    the JSON file's folder, which is how ``load`` reads them; absolute paths stay absolute."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    base = path.parent.resolve()
+    samples = []
+    for s in doc.get("samples", []):
+        s = dict(s)
+        for key in ("image", "mask"):
+            if s.get(key) and not Path(s[key]).is_absolute():
+                s[key] = os.path.relpath(Path(s[key]).resolve(), base)
+        samples.append(s)
+    path.write_text(json.dumps({**doc, "samples": samples}, indent=1), encoding="utf-8")
     return path
 
 

@@ -83,7 +83,7 @@ class Refiner:
         from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
 
         # untrained: returns the coarse map as is (blurred like the engine's coarse maps)
-        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS)
+        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=cfg.delta_max)
         self._base.eval()
         self._current: ARDVersion | None = None
         self._lock = threading.Lock()

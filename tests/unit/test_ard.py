@@ -64,6 +64,26 @@ def test_correction_cannot_shift_a_whole_frame():
     assert torch.allclose(out, up, atol=1e-5)
 
 
+@pytest.mark.parametrize("delta_max", [0.5, 2.0])
+def test_correction_is_bounded_by_delta_max(delta_max):
+    """Whatever the head says, no pixel moves more than ``delta_max`` from the coarse map, and a
+    large head output does reach close to the bound (the bound is the config's, not a constant)."""
+    img, feat, z = _inputs()
+    ard = ARD(feat_dim=12, width=8, delta_max=delta_max)
+    torch.nn.init.normal_(ard.head.weight, std=50.0)
+    with torch.inference_mode():
+        out = ard(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    change = (out - up).abs()
+    assert float(change.max()) <= delta_max + 1e-5
+    assert float(change.max()) > 0.9 * delta_max
+
+
+def test_delta_max_must_be_positive():
+    with pytest.raises(ValueError, match="delta_max"):
+        ARD(feat_dim=12, width=8, delta_max=0.0)
+
+
 def test_mismatched_grids_are_refused():
     img, feat, z = _inputs()
     with pytest.raises(ValueError, match="1/8"):
