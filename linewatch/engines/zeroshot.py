@@ -8,7 +8,10 @@ excluded (``self_scores``): a patch with no look-alike elsewhere in its own imag
 That is weaker than mutual scoring but never a fake "all clear".
 
 Tier 2 (``lot_closed``): the whole lot is mutually scored (every frame against the others, at most
-``tier2_references``) and the lot's features become the "previous lot" references. Tier-2 maps
+``tier2_references``), the rings of cells at the frame edge are calibrated against the lot's
+interior (``border_bands``, ``linewatch.models.zeroshot.border_stats``) and the lot's features
+become the "previous lot" references. Tier 1 calibrates its edges the same way with the statistics
+of the last closed lot's tier-1 grids (none before the first lot closes). Tier-2 maps
 are in lot score units (``linewatch.models.ard.normalise_grid``: minus the lot's median patch
 score, divided by the lot's typical 50-99th percentile span), which makes scores comparable from
 lot to lot and product to product; the image score is the mean of the top
@@ -111,6 +114,7 @@ class _Entry:
     ref: torch.Tensor  # M x C, the subsampled reference patches
     frame_hw: tuple[int, int]
     image: np.ndarray | None = None  # the frame in working geometry, kept only for refinement
+    tier1: torch.Tensor | None = None  # its tier-1 score grid (before edge calibration)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +176,7 @@ class ZeroShotEngine:
         self.name = "zeroshot"
         ext_version = getattr(extractor, "version", type(extractor).__name__)
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
-                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}")
+                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{getattr(cfg, 'border_bands', 0)}")
         self.ref_stride = int(ref_stride)
         # tier-2 budget: the config's unless given here (tests, evaluation)
         self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
@@ -186,6 +190,7 @@ class ZeroShotEngine:
         self.refiner = None  # linewatch.refine.worker.Refiner when refinement is enabled
         self.last_tier2_model: dict[str, str] | None = None  # model behind the last lot_closed maps
         self.last_coarse: dict[int, EngineOutput] = {}  # the last lot's coarse maps (when refined)
+        self._tier1_border: zs.BorderStats = {}  # tier-1 edge calibration, from the last closed lot
 
     # ------------------------------------------------------------------------------ features
     def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -256,7 +261,8 @@ class ZeroShotEngine:
             else:
                 self.self_scored_frames += 1
                 s = zs.self_scores(e.feat)
-            outputs.append(self._output(s, e.frame_hw))
+            e.tier1 = s
+            outputs.append(self._output(zs.apply_border(s, self._tier1_border, self._bands()), e.frame_hw))
         with self._lock:
             for meta, e in zip(metas, entries):
                 self._bank(meta.lot_id).append(e)
@@ -314,6 +320,12 @@ class ZeroShotEngine:
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
             scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
                                        self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
+        bands = self._bands()
+        border = zs.border_stats(scores, bands)
+        # tier 1 calibrates its edges with what this lot's tier-1 grids showed (the next frames)
+        tier1 = [e.tier1 for e in entries if e.tier1 is not None]
+        self._tier1_border = zs.border_stats(tier1, bands) if len(tier1) >= 2 else self._tier1_border
+        scores = [zs.apply_border(s, border, bands) for s in scores]
         scale, offset = grid_scale(scores), lot_median(scores)
         z = [normalise_grid(s, scale, offset) for s in scores]
         coarse = {e.frame_id: self._output(g, e.frame_hw, TIER2_IMAGE_TOP_FRACTION) for e, g in zip(entries, z)}
@@ -322,7 +334,7 @@ class ZeroShotEngine:
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse
-        return self._refine_lot(lot_id, entries, z, scale, coarse)
+        return self._refine_lot(lot_id, entries, z, scale, coarse, border, bands)
 
     # ------------------------------------------------------------------------- refinement
     def enable_refinement(self, refine_cfg, on_model=None, selector=None) -> None:
@@ -337,8 +349,11 @@ class ZeroShotEngine:
         self.refiner = Refiner(refine_cfg, dim, self.features, self.cfg.topk_fraction,
                                on_model=on_model, selector=selector)
 
+    def _bands(self) -> int:
+        return int(getattr(self.cfg, "border_bands", 0))
+
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
-                    coarse: dict[int, EngineOutput]) -> dict[int, EngineOutput]:
+                    coarse: dict[int, EngineOutput], border: zs.BorderStats, bands: int) -> dict[int, EngineOutput]:
         from ..refine.worker import LotJob
 
         refiner = self.refiner
@@ -354,7 +369,7 @@ class ZeroShotEngine:
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
-                              scale))
+                              scale, border, bands))
         return out
 
     def close(self) -> None:

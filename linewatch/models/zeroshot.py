@@ -143,6 +143,70 @@ def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_r
     return out
 
 
+# ------------------------------------------------------------------------ border calibration
+BORDER_MIN_CELLS = 32  # a band (or the interior) with fewer cells in the lot is left as it is
+
+
+def border_bands(height: int, width: int, bands: int) -> torch.Tensor:
+    """h x w long tensor: each cell's distance (in cells) to the nearest grid edge, capped at
+    ``bands`` (``bands`` = the interior)."""
+    i = torch.arange(height)
+    j = torch.arange(width)
+    di = torch.minimum(i, i.flip(0))[:, None]
+    dj = torch.minimum(j, j.flip(0))[None, :]
+    return torch.minimum(torch.minimum(di, dj), torch.tensor(bands))
+
+
+BorderStats = dict[int, tuple[float, float]]  # band -> (scale, offset): calibrated = s * scale + offset
+
+
+def border_stats(grids: Sequence[torch.Tensor], bands: int) -> BorderStats:
+    """How to bring each border band of a lot's score grids to the interior's distribution.
+
+    Patches near the frame edge score high on every frame (zero padding in the backbone, a part
+    that sits a little differently in each frame): on KolektorSDD and magnetic_tile the highest
+    cell of 99 % of the defect-free frames lies on the outermost ring. For each band b < ``bands``
+    (cells b cells from the edge) the affine map that sends the lot's median and 99th percentile
+    of that band onto those of the interior is returned. It is learned from the lot itself, so a
+    defect at the edge still stands out against the same band of the other frames. Bands (or an
+    interior) with fewer than ``BORDER_MIN_CELLS`` cells in the lot get no entry."""
+    if bands <= 0 or not grids:
+        return {}
+    vals = torch.cat([g.float().reshape(-1) for g in grids])
+    band = torch.cat([border_bands(g.shape[-2], g.shape[-1], bands).reshape(-1) for g in grids])
+    q = torch.tensor([0.5, 0.99])
+
+    def quantiles(b: int) -> tuple[float, float] | None:
+        v = vals[band == b]
+        if v.numel() < BORDER_MIN_CELLS:
+            return None
+        m, hi = torch.quantile(v, q).tolist()
+        return m, max(hi - m, 1e-6)
+
+    inner = quantiles(bands)
+    if inner is None:
+        return {}
+    stats: BorderStats = {}
+    for b in range(bands):
+        qb = quantiles(b)
+        if qb is not None:
+            scale = inner[1] / qb[1]
+            stats[b] = (scale, inner[0] - qb[0] * scale)
+    return stats
+
+
+def apply_border(grid: torch.Tensor, stats: BorderStats, bands: int) -> torch.Tensor:
+    """``grid`` with each border band mapped by ``stats`` (see ``border_stats``); a new tensor."""
+    if not stats:
+        return grid
+    out = grid.float().clone()
+    band = border_bands(grid.shape[-2], grid.shape[-1], bands)
+    for b, (scale, offset) in stats.items():
+        sel = band == b
+        out[sel] = out[sel] * scale + offset
+    return out
+
+
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(2.5 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
