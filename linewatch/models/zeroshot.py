@@ -11,6 +11,7 @@ product per reference (``|a|^2 + |b|^2 - 2 a.b``), the fast path on CPU and GPU 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence
@@ -147,9 +148,10 @@ def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_r
 BORDER_MIN_CELLS = 32  # a band (or the interior) with fewer cells in the lot is left as it is
 
 
+@functools.lru_cache(maxsize=32)
 def border_bands(height: int, width: int, bands: int) -> torch.Tensor:
     """h x w long tensor: each cell's distance (in cells) to the nearest grid edge, capped at
-    ``bands`` (``bands`` = the interior)."""
+    ``bands`` (``bands`` = the interior). Cached per shape: do not modify the result."""
     i = torch.arange(height)
     j = torch.arange(width)
     di = torch.minimum(i, i.flip(0))[:, None]
@@ -199,12 +201,12 @@ def apply_border(grid: torch.Tensor, stats: BorderStats, bands: int) -> torch.Te
     """``grid`` with each border band mapped by ``stats`` (see ``border_stats``); a new tensor."""
     if not stats:
         return grid
-    out = grid.float().clone()
+    scale = torch.ones(bands + 1)
+    offset = torch.zeros(bands + 1)
+    for b, (sc, off) in stats.items():
+        scale[b], offset[b] = sc, off
     band = border_bands(grid.shape[-2], grid.shape[-1], bands)
-    for b, (scale, offset) in stats.items():
-        sel = band == b
-        out[sel] = out[sel] * scale + offset
-    return out
+    return grid.float() * scale[band] + offset[band]
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
