@@ -160,7 +160,7 @@ class ZeroShotEngine(Strict):
         "cheaper).", default=2, ge=1, le=4)
     border_bands: int = restart(
         "Tier 2: calibrate this many rings of grid cells at the frame edge against the interior of "
-        "the same lot (edge patches score high on every frame; each ring's median and 99th "
+        "the same lot (edge patches score high on every frame; each ring's median and 90th "
         "percentile over the lot are mapped onto the interior's). 0 = off. Measured 2026-11-23: "
         "KolektorSDD tier-2 pixel-AP 0.067 -> 0.147, magnetic_tile 0.026 -> 0.063.",
         default=3, ge=0, le=16)

@@ -20,11 +20,9 @@ def test_bands_are_the_distance_to_the_nearest_edge_capped():
 def _lot(n=12, h=20, w=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     grids = [torch.rand(h, w, generator=g) for _ in range(n)]
+    ring = zs.border_bands(h, w, 1) == 0
     for t in grids:  # every frame's outer ring scores high (the artefact)
-        t[0, :] += 3.0
-        t[-1, :] += 3.0
-        t[:, 0] += 3.0
-        t[:, -1] += 3.0
+        t[ring] += 3.0
     return grids
 
 
@@ -37,10 +35,9 @@ def test_a_ring_that_is_high_on_every_frame_is_brought_to_the_interior():
     inner = torch.cat([t[3:-3, 3:-3].reshape(-1) for t in out])
     assert abs(float(ring.median() - inner.median())) < 0.1
     assert float(ring.max()) < float(inner.max()) + 0.3
-    # before: the highest cell of every frame is on the ring; after: not systematically
-    on_ring_before = np.mean([zs.border_bands(*t.shape, 3).reshape(-1)[int(t.argmax())] == 0 for t in grids])
-    on_ring_after = np.mean([zs.border_bands(*t.shape, 3).reshape(-1)[int(t.argmax())] == 0 for t in out])
-    assert on_ring_before == 1.0 and on_ring_after < 0.6
+    assert abs(float(ring.quantile(0.9) - inner.quantile(0.9))) < 0.05
+    ring_before = torch.cat([torch.cat([t[0], t[-1]]) for t in grids])
+    assert float(ring_before.min()) > float(inner.max())  # before: every ring cell outranked the interior
     assert torch.equal(out[0][3:-3, 3:-3], grids[0][3:-3, 3:-3])  # interior untouched
 
 
