@@ -162,7 +162,7 @@ class ZeroShotEngine(Strict):
         "Tier 2: calibrate this many rings of grid cells at the frame edge against the interior of "
         "the same lot (edge patches score high on every frame; each ring's median and 90th "
         "percentile over the lot are mapped onto the interior's). 0 = off. Measured 2026-11-23: "
-        "KolektorSDD tier-2 pixel-AP 0.067 -> 0.147, magnetic_tile 0.026 -> 0.063.",
+        "KolektorSDD tier-2 pixel-AP 0.064 -> 0.146, magnetic_tile 0.024 -> 0.061.",
         default=3, ge=0, le=16)
     engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
 
