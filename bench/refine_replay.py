@@ -156,11 +156,7 @@ def run(args) -> int:
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
     if refiner.pseudo_normals:
-        used, k0 = [], 0
-        starts = {}
-        for job in jobs:
-            starts[job.lot_id] = k0
-            k0 += len(job.images)
+        starts = dict(zip((job.lot_id for job in jobs), np.cumsum([0] + [len(job.images) for job in jobs])))
         used = [labels[starts[lid] + j] for lid, idx in refiner.pseudo_normals.items() for j in idx]
         print(f"\ndefective share among the pseudo-normals of the last {len(refiner.pseudo_normals)} lots: "
               f"{np.mean(used):.3f}")

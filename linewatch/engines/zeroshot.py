@@ -262,7 +262,7 @@ class ZeroShotEngine:
                 self.self_scored_frames += 1
                 s = zs.self_scores(e.feat)
             e.tier1 = s
-            outputs.append(self._output(zs.apply_border(s, self._tier1_border, self._bands()), e.frame_hw))
+            outputs.append(self._output(zs.apply_border(s, self._tier1_border), e.frame_hw))
         with self._lock:
             for meta, e in zip(metas, entries):
                 self._bank(meta.lot_id).append(e)
@@ -320,12 +320,12 @@ class ZeroShotEngine:
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
             scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
                                        self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
-        bands = self._bands()
+        bands = int(getattr(self.cfg, "border_bands", 0))
         border = zs.border_stats(scores, bands)
         # tier 1 calibrates its edges with what this lot's tier-1 grids showed (the next frames)
         tier1 = [e.tier1 for e in entries if e.tier1 is not None]
         self._tier1_border = zs.border_stats(tier1, bands) if len(tier1) >= 2 else self._tier1_border
-        scores = [zs.apply_border(s, border, bands) for s in scores]
+        scores = [zs.apply_border(s, border) for s in scores]
         scale, offset = grid_scale(scores), lot_median(scores)
         z = [normalise_grid(s, scale, offset) for s in scores]
         coarse = {e.frame_id: self._output(g, e.frame_hw, TIER2_IMAGE_TOP_FRACTION) for e, g in zip(entries, z)}
@@ -334,7 +334,7 @@ class ZeroShotEngine:
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse
-        return self._refine_lot(lot_id, entries, z, scale, coarse, border, bands)
+        return self._refine_lot(lot_id, entries, z, scale, coarse, border)
 
     # ------------------------------------------------------------------------- refinement
     def enable_refinement(self, refine_cfg, on_model=None, selector=None) -> None:
@@ -349,11 +349,8 @@ class ZeroShotEngine:
         self.refiner = Refiner(refine_cfg, dim, self.features, self.cfg.topk_fraction,
                                on_model=on_model, selector=selector)
 
-    def _bands(self) -> int:
-        return int(getattr(self.cfg, "border_bands", 0))
-
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
-                    coarse: dict[int, EngineOutput], border: zs.BorderStats, bands: int) -> dict[int, EngineOutput]:
+                    coarse: dict[int, EngineOutput], border: zs.BorderStats) -> dict[int, EngineOutput]:
         from ..refine.worker import LotJob
 
         refiner = self.refiner
@@ -369,7 +366,7 @@ class ZeroShotEngine:
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
-                              scale, border, bands))
+                              scale, border))
         return out
 
     def close(self) -> None:

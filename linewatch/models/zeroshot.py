@@ -202,15 +202,17 @@ def border_stats(grids: Sequence[torch.Tensor], bands: int) -> BorderStats:
     return stats
 
 
-def apply_border(grid: torch.Tensor, stats: BorderStats, bands: int) -> torch.Tensor:
-    """``grid`` with each border band mapped by ``stats`` (see ``border_stats``); a new tensor."""
+def apply_border(grid: torch.Tensor, stats: BorderStats | None) -> torch.Tensor:
+    """``grid`` with each border band mapped by ``stats`` (see ``border_stats``); a new tensor.
+    Cells farther from the edge than the deepest corrected band stay as they are."""
     if not stats:
         return grid
-    scale = torch.ones(bands + 1)
-    offset = torch.zeros(bands + 1)
+    depth = max(stats) + 1  # cells at this distance or more are not corrected
+    scale = torch.ones(depth + 1)
+    offset = torch.zeros(depth + 1)
     for b, (sc, off) in stats.items():
         scale[b], offset[b] = sc, off
-    band = border_bands(grid.shape[-2], grid.shape[-1], bands)
+    band = border_bands(grid.shape[-2], grid.shape[-1], depth)
     return grid.float() * scale[band] + offset[band]
 
 

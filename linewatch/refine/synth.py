@@ -55,7 +55,7 @@ def _source_for(images: Sequence[np.ndarray], i: int, rng: np.random.Generator) 
 def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
                  test_z: Sequence[torch.Tensor], normals: Sequence[int], scale: float, n_samples: int, extract: Extract, topk_fraction: float,
                  rng: np.random.Generator, references: int = 6, normal_share: float = 0.2,
-                 border: zs.BorderStats | None = None, bands: int = 0) -> list[Sample]:
+                 border: zs.BorderStats | None = None) -> list[Sample]:
     """``n_samples`` training samples built on the frames ``normals`` of a lot.
 
     ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
@@ -64,7 +64,7 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
     Fewer, subsampled references shift all distances up, so a sample's scores are put in lot units
     by matching its median to the median of its source frame's tier-2 grid ``test_z`` (the pasted
     anomaly covers too little of the frame to move a median), after the lot's edge calibration
-    ``border`` (``zeroshot.border_stats`` over ``bands`` rings) as at tier 2.
+    ``border`` (``zeroshot.border_stats``) as at tier 2.
     """
     if not normals:
         return []
@@ -96,7 +96,7 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
             grid = s.reshape(f.shape[1:])
         else:
             grid = zs.self_scores(f)
-        grid = zs.apply_border(grid, border or {}, bands)  # the lot's edge calibration, as tier 2
+        grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2
         zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
         samples.append(Sample(img, f, zg, m))
     return samples

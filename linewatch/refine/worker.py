@@ -63,7 +63,6 @@ class LotJob:
     image_scores: list[float]
     scale: float
     border: dict = field(default_factory=dict)  # the lot's border calibration (zeroshot.border_stats)
-    bands: int = 0
     t_submit: float = field(default_factory=time.monotonic)
 
 
@@ -208,7 +207,7 @@ class Refiner:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.topk_fraction, self._rng, references=cfg.references,
-                               border=job.border, bands=job.bands)
+                               border=job.border)
         t1 = time.monotonic()
         prev = self.current()
         ard = copy.deepcopy(prev.module if prev is not None else self._base)

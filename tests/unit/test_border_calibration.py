@@ -30,7 +30,7 @@ def test_a_ring_that_is_high_on_every_frame_is_brought_to_the_interior():
     grids = _lot()
     stats = zs.border_stats(grids, 3)
     assert set(stats) == {0, 1, 2}
-    out = [zs.apply_border(t, stats, 3) for t in grids]
+    out = [zs.apply_border(t, stats) for t in grids]
     ring = torch.cat([torch.cat([t[0], t[-1], t[:, 0], t[:, -1]]) for t in out])
     inner = torch.cat([t[3:-3, 3:-3].reshape(-1) for t in out])
     assert abs(float(ring.median() - inner.median())) < 0.1
@@ -45,7 +45,7 @@ def test_an_edge_defect_still_stands_out_after_calibration():
     grids = _lot()
     grids[5][0, 10] += 4.0  # a real defect on the edge of one frame
     stats = zs.border_stats(grids, 3)
-    out = [zs.apply_border(t, stats, 3) for t in grids]
+    out = [zs.apply_border(t, stats) for t in grids]
     top = max(range(len(out)), key=lambda i: float(out[i].max()))
     assert top == 5 and tuple(np.unravel_index(int(out[5].argmax()), out[5].shape)) == (0, 10)
 
@@ -55,4 +55,4 @@ def test_off_or_too_small_leaves_grids_alone():
     assert zs.border_stats(grids, 0) == {}
     assert zs.border_stats(grids, 3) == {}  # a 6 x 6 grid has no interior at distance 3
     t = grids[0]
-    assert zs.apply_border(t, {}, 3) is t
+    assert zs.apply_border(t, {}) is t
