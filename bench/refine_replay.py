@@ -86,7 +86,8 @@ def _synthetic_ap(refiner: worker.Refiner, job: worker.LotJob, extract, cfg, n: 
 
     normals = select_pseudo_normals(job.image_scores, cfg.pseudo_normal_fraction, cfg.min_pseudo_normals)
     samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, n, extract, 0.3,
-                           np.random.default_rng(12345), references=cfg.references, normal_share=0.0)
+                           np.random.default_rng(12345), references=cfg.references, normal_share=0.0,
+                           drawn_share=cfg.drawn_share)
     ard = refiner.current()
     coarse, refined = [], []
     with torch.inference_mode():

@@ -278,9 +278,12 @@ class RefineConfig(Strict):
     earlier lot, then train the next ARD on this lot (PGT) in a background thread."""
 
     enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
-                            "Off: tier 2 publishes the coarse whole-lot maps. Off by default: on "
-                            "Kolektor and Magnetic-tile the refined maps do not yet beat the coarse "
-                            "ones (see `linewatch eval --methods coarse,refined`).", default=False)
+                            "Off: tier 2 publishes the coarse whole-lot maps. Off by default: it "
+                            "sharpens thin defects on smooth surfaces (KolektorSDD pixel-AP 0.146 -> "
+                            "0.18 on average, pixel-AUROC a little lower) but lowers pixel-AP on "
+                            "textured magnetic_tile; check a product with `linewatch eval --methods "
+                            "coarse,refined` before enabling it.",
+                            default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
     time_budget_s: float = restart("Wall-clock budget per lot for building samples and training; a "
                                    "round stops at whichever of steps / budget ends first.",
@@ -296,17 +299,35 @@ class RefineConfig(Strict):
                                    ge=1, le=4096)
     references: int = restart("Frames each training sample is mutually scored against.", default=6,
                               ge=1, le=256)
+    drawn_share: float = restart("Share of the synthetic anomalies drawn with the line simulator's "
+                                 "defect shapes (scratch, crack, spot, missing chunk); the rest are "
+                                 "Perlin-shaped pastes of foreign texture.", default=0.5, ge=0, le=1)
     batch_size: int = restart("Crops per training step.", default=4, ge=1, le=256)
     crop_px: int = restart("Side of the square training crops, in working-geometry pixels.",
                            default=96, ge=32, le=2048)
     lr: float = restart("Adam learning rate.", default=1e-3, gt=0)
+    loss: Literal["rank", "focal_dice"] = restart(
+        "PGT training loss: rank = anomaly pixels against the hardest normal pixels (pixel-AP is a "
+        "ranking); focal_dice = per-pixel focal + dice.", default="rank")
     width: int = restart("Channels of the decoder at the patch scale.", default=24, ge=4, le=256)
     delta_max: float = restart("Largest change the decoder may make to a coarse score, in lot score "
-                               "units (it reshapes the coarse map within +- this bound). Larger "
-                               "values fit the synthetic anomalies better but, measured on Kolektor, "
-                               "localise real defects worse (bench/refine_replay.py).",
-                               default=0.5, gt=0, le=10)
+                               "units (it reshapes the coarse map within +- this bound). Keep it at "
+                               "most gate_units. Measured on Kolektor and magnetic_tile "
+                               "(bench/refine_replay.py): 1.0 sharpens cracks best; textured "
+                               "surfaces lose less with 0.5.", default=1.0, gt=0, le=10)
+    gate_units: float = restart("Coarse score (lot units) from which the decoder's correction applies "
+                                "in full; below it the correction fades linearly to nothing at 0, so "
+                                "cold pixels keep their coarse score. 0 = no gate.", default=1.0, ge=0,
+                                le=10)
     seed: int = restart("Random seed of the synthesis and training.", default=0)
+
+    @model_validator(mode="after")
+    def _gate_keeps_the_ranking(self) -> "RefineConfig":
+        if self.gate_units > 0 and self.delta_max > self.gate_units:
+            raise ValueError(f"delta_max ({self.delta_max:g}) must not exceed gate_units "
+                             f"({self.gate_units:g}): a larger correction under the gate could invert "
+                             "the coarse ranking")
+        return self
 
 
 class InspectConfig(Strict):

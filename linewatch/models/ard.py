@@ -13,17 +13,30 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
 2. a bidirectional interaction block at 1/8: the feature branch is gated by the score branch and
    the score branch is updated from the features (both directions, residual);
 3. refinement blocks while upsampling 1/8 -> 1/4 -> 1/2 -> 1, each fed with a light image stem at
-   its scale (pixel detail the patch grid lacks) and the upsampled coarse scores;
-4. output: a score map ``up(z) + delta`` in lot units: the coarse map (blurred like the engine's
-   coarse maps, ``skip_sigma``) is a fixed skip and the decoder learns a bounded correction
-   ``delta`` with zero median over each frame (at most ``DELTA_MAX`` = 0.5 units: sharper edges,
-   suppressed false alarms, boosted misses; config ``[refine] delta_max``). The head starts at zero, so an untrained ARD returns
-   the normalised, upsampled coarse map. The correction is deliberately not gated by the coarse
-   score: a gate made a constant learned correction z-dependent (``z - 2 sigmoid(4 (z - 0.5))``
-   falls as z rises), which inverted the ranking (Kolektor refined pixel-AUROC 0.24).
-   Training adds a learned bias ``beta`` to turn the map into logits; it is left out of the map
-   itself, so maps from ARD versions trained on different lots stay comparable (a bias that
-   drifts from version to version would reorder pixels across lots).
+   its scale (pixel detail the patch grid lacks) and the upsampled coarse scores; the full-scale
+   block also gets the frame's *detail maps* (``detail_maps``: how much darker and how much
+   brighter each pixel is than its ``DETAIL_WINDOW`` neighbourhood, in units of the frame's own
+   contrast), which the head can also add directly with a learned gain per map (zero at start).
+   This is the pixel-level cue that tells a defect from the halo of its blurred patch cell: on the
+   cached KolektorSDD tier-2 maps, adding ``0.5 tanh(dark + bright)`` by hand raises pixel-AP
+   from 0.146 to 0.18, adding ``0.5 tanh(dark)`` to 0.21 (bench/RESULTS.md); PGT has to learn
+   how far to trust each map for the product at hand (on magnetic_tile neither helps by hand);
+4. output: a score map ``up(z) + gate(up(z)) * delta`` in lot units: the coarse map (blurred like
+   the engine's coarse maps, ``skip_sigma``) is a fixed skip and the decoder learns a bounded
+   correction ``delta`` with zero median over each frame (at most ``delta_max`` units, config
+   ``[refine] delta_max``: sharper edges, suppressed false alarms, boosted misses). The head
+   starts at zero, so an untrained ARD returns the normalised, upsampled coarse map.
+   ``gate`` (config ``[refine] gate_units``; off at 0) is a *fixed* ramp ``clamp(up(z) / g, 0,
+   1)``: pixels the coarse map calls cold (the bulk of every normal surface) keep their score, so
+   sharpening a defect cannot raise the dark texture of good frames (on Kolektor the ungated
+   decoder raised pixel-AP but lowered pixel-AUROC, 0.930 vs 0.952; gated, both rose, in one
+   replay with seed 0). A *learned* gate was tried before and failed: it made a constant
+   correction z-dependent (``z - 2 sigmoid(4 (z - 0.5))`` falls as z rises), which inverted the
+   ranking (refined pixel-AUROC 0.24); the fixed ramp keeps a constant correction monotonic while
+   ``delta_max <= g``.
+   Training (``linewatch.refine.train``) ranks anomaly pixels against the hardest normal ones;
+   the learned bias ``beta`` only serves the optional per-pixel loss and is left out of the map,
+   so maps from ARD versions trained on different lots stay comparable.
 
 No batch norm (a test-time-trained decoder sees tiny batches; train and eval behave the same).
 """
@@ -37,6 +50,9 @@ from torch.nn import functional as F
 
 GRID_STRIDE = 8  # the coarse grid and the features are at 1/8 of the ARD input
 DELTA_MAX = 0.5  # largest correction, in lot score units (2.0 and 1.0 buried weak real defects in noise)
+DETAIL_WINDOW = 31  # px of the working geometry: the neighbourhood a pixel's grey level is compared with
+DETAIL_CLIP = 2.0  # detail maps are clipped at this many units of the frame's contrast
+DETAIL_MAPS = 2  # darker than the neighbourhood, brighter than it
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -89,13 +105,18 @@ class ARD(nn.Module):
     """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W score
     maps; ``map + beta`` are the training logits."""
 
-    def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0, delta_max: float = DELTA_MAX):
+    def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0, delta_max: float = DELTA_MAX,
+                 gate_units: float = 0.0):
         super().__init__()
         self.feat_dim = int(feat_dim)
         self.width = int(width)
         if not delta_max > 0:
             raise ValueError(f"delta_max must be > 0, got {delta_max}")
         self.delta_max = float(delta_max)  # bound of the correction, lot score units
+        # > 0: the correction is scaled by clamp(coarse / gate_units, 0, 1), so cold pixels (the
+        # bulk of every normal surface) keep their coarse score; a constant correction stays
+        # monotonic in the coarse score as long as delta_max <= gate_units
+        self.gate_units = float(gate_units)
         # Gaussian blur (grid cells) of the coarse skip: the engine's coarse maps are blurred the
         # same way (``SMOOTH_SIGMA_CELLS``), so an untrained ARD reproduces them exactly
         self.skip_sigma = float(skip_sigma)
@@ -106,14 +127,20 @@ class ARD(nn.Module):
         self.stem4 = _conv(8, 16, stride=2)  # and at 1/4
         self.up4 = RefineBlock(width + sw + 16 + 1, width)
         self.up2 = RefineBlock(width + 8 + 1, 16)
-        self.up1 = RefineBlock(16 + 3 + 1, 8)
+        self.up1 = RefineBlock(16 + 3 + 1 + DETAIL_MAPS, 8)
         self.head = nn.Conv2d(8, 1, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.detail_gain = nn.Parameter(torch.zeros(DETAIL_MAPS))  # direct use of each detail map
         self.beta = nn.Parameter(torch.zeros(()))
 
-    def forward(self, image: torch.Tensor, feat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, feat: torch.Tensor, z: torch.Tensor,
+                detail: torch.Tensor | None = None) -> torch.Tensor:
+        """``detail``: the frame's ``detail_maps`` (N x 2 x H x W); computed from ``image`` when
+        None, which is right for whole frames (training crops pass the whole frame's maps, cropped)."""
         h, w = image.shape[-2:]
+        if detail is None:
+            detail = detail_maps(image)
         if feat.shape[-2:] != z.shape[-2:] or (h // GRID_STRIDE, w // GRID_STRIDE) != tuple(z.shape[-2:]):
             raise ValueError(f"ARD inputs disagree: image {tuple(image.shape)}, features {tuple(feat.shape)}, "
                              f"scores {tuple(z.shape)} (grids must be 1/{GRID_STRIDE} of the image)")
@@ -125,14 +152,35 @@ class ARD(nn.Module):
         z1 = F.interpolate(_smooth(z, self.skip_sigma), size=(h, w), mode="bilinear", align_corners=False)
         x = self.up4(torch.cat([f, s], 1), i4, z4)
         x = self.up2(x, i2, z2)
-        x = self.up1(x, image, z1)
+        x = self.up1(x, image, z1, detail)
         # the head output is centred on its median over each frame (median of the row medians)
         # before the bound: the decoder reshapes a frame's map but cannot shift the whole frame up
         # or down (a per-frame shift reorders pixels across frames and lots), and a constant in the
         # head output has no effect at all (no drift into the saturated part of tanh)
-        h = self.head(x)
+        h = self.head(x) + (self.detail_gain.view(1, -1, 1, 1) * detail).sum(1, keepdim=True)
         h = h - _lower_median(_lower_median(h, -1), -2)
-        return z1 + self.delta_max * torch.tanh(h / self.delta_max)
+        delta = self.delta_max * torch.tanh(h / self.delta_max)
+        if self.gate_units > 0:
+            delta = delta * (z1 / self.gate_units).clamp(0.0, 1.0)
+        return z1 + delta
+
+
+def detail_maps(image: torch.Tensor, window: int = DETAIL_WINDOW) -> torch.Tensor:
+    """N x 3 x H x W normalised frames -> N x 2 x H x W: how much darker and how much brighter
+    each pixel's grey level is than the mean of its ``window`` x ``window`` neighbourhood (after a
+    3 x 3 blur), divided by the frame's 99th percentile of that absolute difference and clipped at
+    ``DETAIL_CLIP``. Computed on whole frames: a crop would change the percentile. (Not centred:
+    the ARD centres its whole correction per frame.)"""
+    grey = F.avg_pool2d(image.mean(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)
+    r = window // 2  # separable box mean (the valid counts multiply, so borders are exact too)
+    local = F.avg_pool2d(grey, (1, window), stride=1, padding=(0, r), count_include_pad=False)
+    local = F.avg_pool2d(local, (window, 1), stride=1, padding=(r, 0), count_include_pad=False)
+    diff = local - grey  # > 0: darker than around it
+    n = diff.shape[0]
+    flat = diff.abs().reshape(n, -1)
+    top = flat.topk(flat.shape[1] // 100 + 1, dim=1).values  # the top 1 % (topk exports to ONNX)
+    q = top[:, -1:].view(n, 1, 1, 1) + 1e-6
+    return (torch.cat([diff.clamp_min(0.0), (-diff).clamp_min(0.0)], 1) / q).clamp_max(DETAIL_CLIP)
 
 
 def _smooth(z: torch.Tensor, sigma: float) -> torch.Tensor:

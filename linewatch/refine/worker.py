@@ -84,7 +84,8 @@ class Refiner:
         from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
 
         # untrained: returns the coarse map as is (blurred like the engine's coarse maps)
-        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=cfg.delta_max)
+        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=cfg.delta_max,
+                         gate_units=cfg.gate_units)
         self._base.eval()
         self._current: ARDVersion | None = None
         self._lock = threading.Lock()
@@ -207,7 +208,7 @@ class Refiner:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.topk_fraction, self._rng, references=cfg.references,
-                               border=job.border)
+                               border=job.border, drawn_share=cfg.drawn_share)
         t1 = time.monotonic()
         prev = self.current()
         ard = copy.deepcopy(prev.module if prev is not None else self._base)
@@ -216,7 +217,7 @@ class Refiner:
         budget = max(0.0, cfg.time_budget_s - (t1 - t0))
         report = train_ard(ard, samples, cfg.steps, budget, self._rng, batch_size=cfg.batch_size,
                            crop_px=cfg.crop_px, lr=cfg.lr, cpu_share=cfg.cpu_share,
-                           should_stop=lambda: self._stop)
+                           should_stop=lambda: self._stop, loss_kind=cfg.loss)
         if report.steps == 0:
             logger.info("PGT: no training step fitted the budget for lot %s", job.lot_id)
             return

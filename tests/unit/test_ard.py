@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from linewatch.models.backbone import preprocess
-from linewatch.models.ard import ARD, grid_scale, lot_median, normalise_grid
+from linewatch.models.ard import ARD, detail_maps, grid_scale, lot_median, normalise_grid
 from linewatch.refine.synth import Sample
 from linewatch.refine.train import train_ard
 
@@ -53,6 +53,42 @@ def test_untrained_decoder_with_skip_blur_returns_the_engine_coarse_map():
         assert torch.allclose(out[k, 0], ref, atol=1e-5)
 
 
+def _frame_with_a_dark_line(h=64, w=96):
+    rng = np.random.default_rng(0)
+    img = np.clip(128 + rng.normal(0, 3, (h, w, 1)), 0, 255).repeat(3, -1).astype(np.uint8)
+    img[20:44, 40:42] = 70  # a thin dark crack
+    return img
+
+
+def test_detail_maps_mark_a_dark_line_and_nothing_else():
+    img = _frame_with_a_dark_line()
+    with torch.inference_mode():
+        d = detail_maps(preprocess(img[None]))[0]
+    assert d.shape == (2, 64, 96)
+    dark, bright = d[0], d[1]
+    line = torch.zeros(64, 96, dtype=torch.bool)
+    line[20:44, 40:42] = True
+    assert dark[line].mean() > 1.5  # about the clip: the crack is the frame's strongest contrast
+    assert dark[~line].median() < 0.05 and bright[line].max() == 0.0
+    assert float(d.min()) >= 0.0 and float(d.max()) <= 2.0
+
+
+def test_detail_gain_sharpens_a_coarse_blob_onto_the_line():
+    """A positive gain on the dark map moves the score from the blurred cell onto the crack."""
+    img = _frame_with_a_dark_line()
+    z = torch.zeros(1, 1, 8, 12)
+    z[0, 0, 2:6, 4:6] = 2.0  # the coarse cells around the crack
+    feat = torch.zeros(1, 12, 8, 12)
+    ard = ARD(feat_dim=12, width=8)
+    with torch.inference_mode():
+        before = ard(preprocess(img[None]), feat, z)[0, 0]
+        ard.detail_gain.copy_(torch.tensor([0.5, 0.0]))
+        after = ard(preprocess(img[None]), feat, z)[0, 0]
+    halo = (slice(24, 40), slice(34, 38))  # inside the hot cells, beside the crack
+    assert after[20:44, 40:42].mean() > before[20:44, 40:42].mean() + 0.3
+    assert after[halo].mean() <= before[halo].mean() + 0.05
+
+
 def test_correction_cannot_shift_a_whole_frame():
     """A constant head output (a per-frame bias) is removed: the map stays the coarse map."""
     img, feat, z = _inputs()
@@ -77,6 +113,46 @@ def test_correction_is_bounded_by_delta_max(delta_max):
     change = (out - up).abs()
     assert float(change.max()) <= delta_max + 1e-5
     assert float(change.max()) > 0.9 * delta_max
+
+
+def test_rank_loss_falls_as_anomaly_pixels_outrank_the_hardest_normal_ones():
+    from linewatch.refine.train import _rank_loss
+
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 10:14, 10:14] = 1
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731 - same pairs for both maps
+    scores = torch.rand(1, 1, 32, 32)
+    good, bad = scores + 2 * target, scores - 2 * target
+    assert _rank_loss(good, target, gen()) < 0.2 < 1.5 < _rank_loss(bad, target, gen())
+    assert _rank_loss(scores, torch.zeros_like(target), gen()) is None  # nothing to rank
+    # a real defect in a pseudo-normal frame (hot, marked ignore) is not taken as a hard normal
+    hot = torch.zeros_like(target, dtype=torch.bool)
+    hot[..., 20:24, 20:24] = True
+    with_defect = good + 5 * hot
+    assert _rank_loss(with_defect, target, gen()) > 1.0
+    assert _rank_loss(with_defect, target, gen(), ignore=hot) < 0.2
+
+
+def test_gate_leaves_cold_pixels_at_their_coarse_score():
+    img, feat, _ = _inputs()
+    z = torch.full((2, 1, 8, 12), -1.0)
+    z[..., 2:5, 3:7] = 3.0  # a hot region; everything else cold (below 0 lot units)
+    ard = ARD(feat_dim=12, width=8, delta_max=1.0, gate_units=1.0)
+    torch.nn.init.normal_(ard.head.weight, std=50.0)
+    with torch.inference_mode():
+        out = ard(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    change = (out - up).abs()
+    assert float(change[up <= 0].max()) == 0.0
+    assert float(change[up >= 1.0].max()) > 0.5
+
+
+def test_config_refuses_a_correction_larger_than_the_gate():
+    from linewatch.config import Config
+
+    with pytest.raises(ValueError, match="gate_units"):
+        Config.model_validate({"refine": {"delta_max": 2.0, "gate_units": 1.0}})
+    assert Config.model_validate({"refine": {"delta_max": 2.0, "gate_units": 0.0}}).refine.delta_max == 2.0
 
 
 def test_delta_max_must_be_positive():

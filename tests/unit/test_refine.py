@@ -81,6 +81,47 @@ def test_samples_have_features_scores_and_masks_of_the_frame():
     for s in out:
         assert s.image.shape == (H, W, 3) and s.mask.shape == (H, W) and s.mask.any()
         assert s.feat.shape == (3, H // 8, W // 8) and s.z.shape == (H // 8, W // 8)
+        assert s.detail.shape == (2, H, W)
+
+
+def test_hot_cells_of_a_pseudo_normal_are_left_out_of_training():
+    """A pseudo-normal frame's own hot cells may be a real defect: neither normal nor anomaly."""
+    images, feats, grids, scale = _lot()
+    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    z = [torch.zeros(H // 8, W // 8) for _ in images]
+    z[0][1, 2] = 3.0  # one hot cell in frame 0
+    out = make_samples(images, feats, refs, z, [0], scale, 4, FakeExtract(), 0.3, np.random.default_rng(0),
+                       normal_share=0.0)
+    for s in out:
+        cell = np.zeros((H, W), bool)
+        cell[8:16, 16:24] = True
+        assert (s.ignore == (cell & ~s.mask)).all()
+
+
+def test_drawn_share_mixes_simulator_defects_with_pastes(monkeypatch):
+    from linewatch.refine import synth
+
+    calls = {"drawn": 0, "paste": 0}
+    real_draw, real_paste = synth.apply_defect, synth.paste_noise_anomaly
+
+    def draw(*a, **k):
+        calls["drawn"] += 1
+        return real_draw(*a, **k)
+
+    def paste(*a, **k):
+        calls["paste"] += 1
+        return real_paste(*a, **k)
+
+    monkeypatch.setattr(synth, "apply_defect", draw)
+    monkeypatch.setattr(synth, "paste_noise_anomaly", paste)
+    images, feats, grids, scale = _lot()
+    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
+    out = make_samples(images, feats, refs, z, [0, 1, 2], scale, 40, FakeExtract(), 0.3,
+                       np.random.default_rng(1), normal_share=0.0, drawn_share=0.5)
+    assert calls["drawn"] + calls["paste"] == 40 and 10 < calls["drawn"] < 30
+    for s in out:  # only the anomaly's own pixels changed
+        assert s.mask.any() and any((im[~s.mask] == s.image[~s.mask]).all() for im in images)
 
 
 def test_a_round_releases_a_version_recorded_with_its_lot():
