@@ -176,8 +176,9 @@ class ZeroShotEngine:
         self.extractor = extractor
         self.name = "zeroshot"
         ext_version = getattr(extractor, "version", type(extractor).__name__)
+        self.border_bands = int(getattr(cfg, "border_bands", 0))  # edge rings calibrated per lot
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
-                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{getattr(cfg, 'border_bands', 0)}")
+                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}")
         self.ref_stride = int(ref_stride)
         # tier-2 budget: the config's unless given here (tests, evaluation)
         self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
@@ -320,11 +321,10 @@ class ZeroShotEngine:
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
             scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
                                        self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
-        bands = int(getattr(self.cfg, "border_bands", 0))
-        border = zs.border_stats(scores, bands)
+        border = zs.border_stats(scores, self.border_bands)
         # tier 1 calibrates its edges with what this lot's tier-1 grids showed (the next frames)
         tier1 = [e.tier1 for e in entries if e.tier1 is not None]
-        self._tier1_border = zs.border_stats(tier1, bands) if len(tier1) >= 2 else self._tier1_border
+        self._tier1_border = zs.border_stats(tier1, self.border_bands) if len(tier1) >= 2 else self._tier1_border
         scores = [zs.apply_border(s, border) for s in scores]
         scale, offset = grid_scale(scores), lot_median(scores)
         z = [normalise_grid(s, scale, offset) for s in scores]

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 GRID_STRIDE = 8  # the coarse grid and the features are at 1/8 of the ARD input
-DELTA_MAX = 0.5  # largest correction, in lot score units (2.0 and 1.0 buried weak real defects in noise)
+DELTA_MAX = 0.5  # default bound of the correction, lot score units (the daemon passes [refine] delta_max)
 DETAIL_WINDOW = 31  # px of the working geometry: the neighbourhood a pixel's grey level is compared with
 DETAIL_CLIP = 2.0  # detail maps are clipped at this many units of the frame's contrast
 DETAIL_MAPS = 2  # darker than the neighbourhood, brighter than it
@@ -103,7 +103,7 @@ class RefineBlock(nn.Module):
 
 class ARD(nn.Module):
     """The Anomaly Refinement Decoder (see the module docstring). Returns N x 1 x H x W score
-    maps; ``map + beta`` are the training logits."""
+    maps; ``map + beta`` are the logits of the optional per-pixel training loss."""
 
     def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0, delta_max: float = DELTA_MAX,
                  gate_units: float = 0.0):
