@@ -17,7 +17,13 @@ Methods:
   engine pass.
 
 Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases and index.html to
-``--out``. Pixel metrics are binned (see ``linewatch.metrics``).
+``--out``. Pixel metrics are binned (see ``linewatch.metrics``). Where the data has several defect
+kinds (magnetic_tile, MVTec AD) the report also breaks the figures down by kind, each kind's frames
+against all defect-free frames, with the kind's share of the defect pixels: the pooled pixel-AP is
+decided by the kinds that cover the most pixels (on magnetic_tile, *uneven*). An MVTec AD root
+with several categories is evaluated one category at a time, as the benchmark is (each its own
+lots, engine and PGT state: a category is a product), with a report folder per category and a
+summary table of every category and the mean over them at the top.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class MethodResult:
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     accumulator: mx.PixelAccumulator | None = None
+    by_kind: dict[str, dict[str, float]] = field(default_factory=dict)  # defect kind -> metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,16 +251,43 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
                          "last_round": r.last_report})
         engine.close()
     labels = np.array([s.defective for s in order])
+    kinds = [s.kind for s in order]
     for r in results.values():
         lo = float(min(m.min() for m in r.maps))
         hi = float(max(m.max() for m in r.maps))
+        by_kind = {k: mx.PixelAccumulator(lo, hi) for k in dict.fromkeys(kinds)}
+        for m, g, k in zip(r.maps, masks, kinds):
+            by_kind[k].add(m.astype(np.float32), g)
         acc = mx.PixelAccumulator(lo, hi)
-        for m, g in zip(r.maps, masks):
-            acc.add(m.astype(np.float32), g)
+        for a in by_kind.values():
+            acc = acc.merged(a)
         r.accumulator = acc
         r.metrics = {**acc.result(), **mx.image_metrics(labels, r.scores),
                      "seconds_per_image": r.seconds / max(len(order), 1)}
+        r.by_kind = _kind_metrics(by_kind, kinds, r.scores)
     return results, order, masks
+
+
+def _kind_metrics(by_kind: dict[str, mx.PixelAccumulator], kinds: list[str],
+                  scores: list[float]) -> dict[str, dict[str, float]]:
+    """Per defect kind (when the data has more than one): its frames against all defect-free
+    frames. ``pixel_share`` is the kind's share of all defect pixels: pooled pixel-AP is mostly
+    decided by the kinds with the largest share. Empty for one kind or no defect-free frames."""
+    defect_kinds = [k for k in by_kind if k != "good"]
+    if len(defect_kinds) < 2 or "good" not in by_kind:
+        return {}
+    total = sum(int(by_kind[k].pos.sum()) for k in defect_kinds)
+    good = by_kind["good"]
+    out = {}
+    for k in sorted(defect_kinds):
+        acc = by_kind[k]
+        sel = [i for i, kk in enumerate(kinds) if kk in (k, "good")]
+        row = {"frames": float(kinds.count(k)), "pixel_share": float(acc.pos.sum()) / max(total, 1),
+               **mx.image_metrics([kinds[i] == k for i in sel], [scores[i] for i in sel])}
+        if acc.regions:  # a kind may have frames without any marked pixel
+            row.update(acc.merged(good).result())
+        out[k] = row
+    return out
 
 
 # ------------------------------------------------------------------------------- reports
@@ -265,6 +299,24 @@ def metrics_table(results: dict[str, MethodResult]) -> str:
     for r in results.values():
         cells = [f"{r.metrics[k]:.4f}" for k in METRIC_KEYS]
         rows.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.metrics['seconds_per_image']:.3f} |")
+    return "\n".join(rows)
+
+
+KIND_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
+
+
+def kind_table(results: dict[str, MethodResult]) -> str:
+    """Markdown table of the per-defect-kind metrics (empty when there are none)."""
+    kinds = next((list(r.by_kind) for r in results.values() if r.by_kind), [])
+    if not kinds:
+        return ""
+    rows = ["| kind | frames | share of defect pixels | method | " + " | ".join(KIND_KEYS) + " |",
+            "|" + "---|" * (len(KIND_KEYS) + 4)]
+    for k in kinds:
+        for r in results.values():
+            row = r.by_kind[k]
+            cells = [f"{row[key]:.4f}" if key in row else "-" for key in KIND_KEYS]
+            rows.append(f"| {k} | {int(row['frames'])} | {row['pixel_share']:.3f} | {r.name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -333,7 +385,16 @@ def _gallery(results, order, masks, out: Path, n: int) -> dict[str, list[dict]]:
     return cases
 
 
-def _index_html(out: Path, title: str, table_md: str, results, cases) -> None:
+def _md_table_html(md: str) -> str:
+    """A Markdown table (as written by ``kind_table``) as an HTML table."""
+    lines = [ln.strip().strip("|").split("|") for ln in md.splitlines() if not ln.startswith("|---")]
+    cells = [[html.escape(c.strip()) for c in ln] for ln in lines]
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _index_html(out: Path, title: str, kinds_md: str, results, cases) -> None:
     rows = "".join(
         "<tr><td>" + html.escape(r.name) + "</td>" + "".join(f"<td>{r.metrics[k]:.4f}</td>" for k in METRIC_KEYS)
         + f"<td>{r.metrics['seconds_per_image']:.3f}</td></tr>" for r in results.values())
@@ -343,6 +404,9 @@ def _index_html(out: Path, title: str, table_md: str, results, cases) -> None:
              "img{height:220px;margin:2px}table{border-collapse:collapse}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><table><tr><th>method</th>{head}<th>s/image</th></tr>{rows}</table>",
              "<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>"]
+    if kinds_md:
+        parts.append("<h2>By defect kind</h2><p>Each kind's frames against all defect-free frames.</p>"
+                     + _md_table_html(kinds_md))
     for name, items in cases.items():
         parts.append(f"<h2>Gallery: {html.escape(name)}</h2>")
         for c in items:
@@ -354,6 +418,95 @@ def _index_html(out: Path, title: str, table_md: str, results, cases) -> None:
     (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
 
 
+def _categories(samples: list[ds.Sample], layout: str) -> dict[str, list[ds.Sample]]:
+    """The products evaluated apart: each MVTec AD category (its own lots, engine and PGT state,
+    and its own figures, as the benchmark reports them); any other layout is one product."""
+    if layout != "mvtec":
+        return {"": samples}
+    cats: dict[str, list[ds.Sample]] = {}
+    for s in samples:
+        cats.setdefault(s.group, []).append(s)
+    return cats
+
+
+def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, refine_cfg) -> dict:
+    """Evaluate one product's lots and write its report folder; returns its metrics per method."""
+    n_images = sum(len(lot) for lot in lots)
+    print(f"{title}: {len(lots)} lots, {n_images} images, methods {methods}, "
+          f"engine {engine_cfg.model_dump(mode='json')}")
+    info: dict = {}
+    t_start = time.perf_counter()
+    results, order, masks = evaluate(lots, methods, engine_cfg, batch_size, refine_cfg=refine_cfg,
+                                     contaminate=args.contaminate, info=info)
+    info["wall_s"] = round(time.perf_counter() - t_start, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.array([s.defective for s in order])
+    table = metrics_table(results)
+    title = f"linewatch eval: {title} ({len(lots)} lots, {n_images} images, lots={args.lots})"
+    run_line = ""
+    if "pgt_rounds" in info:
+        run_line = (f"\nRefinement: {info['pgt_rounds']} PGT rounds ({info['pgt_failed']} failed), "
+                    f"{info['pgt_seconds']} s waiting for PGT; share of defective frames among the "
+                    f"pseudo-normals used: {info['pseudo_normal_defective_share']} "
+                    f"(--contaminate {info['contaminate']}). Wall time {info['wall_s']} s.\n")
+    kinds_md = kind_table(results)
+    kinds_part = f"\n## By defect kind (its frames against all defect-free frames)\n\n{kinds_md}\n" if kinds_md else ""
+    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nPixel metrics binned over "
+                                    f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n"
+                                    + run_line + kinds_part, encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps({
+        "data": str(args.data), "lots": args.lots, "n_lots": len(lots), "n_images": n_images,
+        "engine": engine_cfg.model_dump(mode="json"), "batch_size": batch_size,
+        "refine": refine_cfg.model_dump(mode="json") if "refined" in methods else None, "run": info,
+        "methods": {r.name: r.metrics for r in results.values()},
+        "by_kind": {r.name: r.by_kind for r in results.values() if r.by_kind}}, indent=2), encoding="utf-8")
+    _pr_plot(results, labels, out / "pr_curve.png")
+    cases = _gallery(results, order, masks, out, args.gallery)
+    _index_html(out, title, kinds_md, results, cases)
+    print(table)
+    if kinds_md:
+        print(kinds_md)
+    if info:
+        print("run:", json.dumps({k: v for k, v in info.items() if k != "last_round"}))
+    print(f"report written to {out}/index.html")
+    return {r.name: r.metrics for r in results.values()}
+
+
+def category_table(per_category: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table: one row per category and method, then the mean over the categories."""
+    methods = list(next(iter(per_category.values())))
+    rows = ["| category | method | " + " | ".join(METRIC_KEYS) + " |", "|" + "---|" * (len(METRIC_KEYS) + 2)]
+    for cat, by_method in per_category.items():
+        for m, row in by_method.items():
+            rows.append(f"| {cat} | {m} | " + " | ".join(f"{row[k]:.4f}" for k in METRIC_KEYS) + " |")
+    for m in methods:
+        means = [np.mean([per_category[c][m][k] for c in per_category]) for k in METRIC_KEYS]
+        rows.append(f"| **mean of {len(per_category)}** | {m} | " + " | ".join(f"{v:.4f}" for v in means) + " |")
+    return "\n".join(rows)
+
+
+def _summary(out: Path, data: Path, per_category: dict[str, dict[str, dict[str, float]]]) -> None:
+    """The top-level report of a multi-category run: the category table and links to each report."""
+    table = category_table(per_category)
+    title = f"linewatch eval: {data} ({len(per_category)} categories, each evaluated apart)"
+    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nEach category's own report: "
+                                    "<category>/metrics.md and <category>/index.html.\n", encoding="utf-8")
+    methods = list(next(iter(per_category.values())))
+    mean = {m: {k: float(np.mean([per_category[c][m][k] for c in per_category])) for k in METRIC_KEYS}
+            for m in methods}
+    (out / "metrics.json").write_text(json.dumps({"data": str(data), "categories": per_category, "mean": mean},
+                                                 indent=2), encoding="utf-8")
+    links = "".join(f"<li><a href='{html.escape(c)}/index.html'>{html.escape(c)}</a></li>" for c in per_category)
+    (out / "index.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
+        "table{border-collapse:collapse}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{_md_table_html(table)}<h2>Categories</h2><ul>{links}</ul></body></html>",
+        encoding="utf-8")
+    print(table)
+    print(f"summary written to {out}/index.html")
+
+
 def run(args) -> int:
     """Entry point of `linewatch eval`; returns the process exit code."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -362,51 +515,30 @@ def run(args) -> int:
         print(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
         return 2
     try:
-        samples = ds.list_samples(args.data, args.layout)
+        layout = ds.detect_layout(args.data) if args.layout == "auto" else args.layout
+        samples = ds.list_samples(args.data, layout)
     except (FileNotFoundError, ValueError) as exc:
         print(f"cannot read data: {exc}")
         return 2
-    lots = _lots(args, samples)
-    if args.limit_lots:
-        lots = lots[:args.limit_lots]
-    if not lots:
-        print("no lots formed from the data")
-        return 2
+    categories = {}
+    for name, cat_samples in _categories(samples, layout).items():
+        lots = _lots(args, cat_samples)
+        if args.limit_lots:
+            lots = lots[:args.limit_lots]
+        if not lots:
+            print(f"no lots formed from the data{f' of category {name}' if name else ''}")
+            return 2
+        categories[name] = lots
     engine_cfg, batch_size = _engine_config(args.config)
     refine_cfg = _refine_config(args.config)
     out = args.out or Path("reports") / Path(args.data).name
-    out.mkdir(parents=True, exist_ok=True)
-    n_images = sum(len(lot) for lot in lots)
-    print(f"{len(lots)} lots, {n_images} images, methods {methods}, engine {engine_cfg.model_dump(mode='json')}")
-    info: dict = {}
-    t_start = time.perf_counter()
-    results, order, masks = evaluate(lots, methods, engine_cfg, batch_size, refine_cfg=refine_cfg,
-                                     contaminate=args.contaminate, info=info)
-    info["wall_s"] = round(time.perf_counter() - t_start, 1)
-    labels = np.array([s.defective for s in order])
-    table = metrics_table(results)
-    title = f"linewatch eval: {args.data} ({len(lots)} lots, {n_images} images, lots={args.lots})"
-    run_line = ""
-    if "pgt_rounds" in info:
-        run_line = (f"\nRefinement: {info['pgt_rounds']} PGT rounds ({info['pgt_failed']} failed), "
-                    f"{info['pgt_seconds']} s waiting for PGT; share of defective frames among the "
-                    f"pseudo-normals used: {info['pseudo_normal_defective_share']} "
-                    f"(--contaminate {info['contaminate']}). Wall time {info['wall_s']} s.\n")
-    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nPixel metrics binned over "
-                                    f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n"
-                                    + run_line, encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps({
-        "data": str(args.data), "lots": args.lots, "n_lots": len(lots), "n_images": n_images,
-        "engine": engine_cfg.model_dump(mode="json"), "batch_size": batch_size,
-        "refine": refine_cfg.model_dump(mode="json") if "refined" in methods else None, "run": info,
-        "methods": {r.name: r.metrics for r in results.values()}}, indent=2), encoding="utf-8")
-    _pr_plot(results, labels, out / "pr_curve.png")
-    cases = _gallery(results, order, masks, out, args.gallery)
-    _index_html(out, title, table, results, cases)
-    print(table)
-    if info:
-        print("run:", json.dumps({k: v for k, v in info.items() if k != "last_round"}))
-    print(f"report written to {out}/index.html")
+    per_category = {}
+    for name, lots in categories.items():
+        title = f"{args.data}" + (f" / {name}" if name else "")
+        per_category[name] = _report(args, out / name if name else out, title, lots, methods, engine_cfg,
+                                     batch_size, refine_cfg)
+    if len(per_category) > 1 or "" not in per_category:
+        _summary(out, args.data, per_category)
     return 0
 
 

@@ -162,6 +162,15 @@ class PixelAccumulator:
             pro += np.cumsum(h[::-1]) / h.sum()
         return pro_curve_area(fpr, pro / len(self.regions), fpr_limit)
 
+    def merged(self, other: "PixelAccumulator") -> "PixelAccumulator":
+        """A new accumulator holding both this one's images and ``other``'s (same bins)."""
+        if (self.lo, self.hi, self.n_bins) != (other.lo, other.hi, other.n_bins):
+            raise ValueError("cannot merge pixel accumulators with different bins")
+        out = PixelAccumulator(self.lo, self.hi, self.n_bins)
+        out.pos, out.neg = self.pos + other.pos, self.neg + other.neg
+        out.regions = self.regions + other.regions
+        return out
+
     def result(self) -> dict[str, float]:
         tp, fp = self.counts()
         return {"pixel_auroc": auroc_from_counts(tp, fp), "pixel_ap": ap_from_counts(tp, fp),

@@ -133,3 +133,44 @@ def test_segmentation_metrics_by_hand():
     assert out["prec@0.5"] == pytest.approx(2 / 3)
     assert out["prec@0.7"] == pytest.approx(1 / 3)
     assert out["prec@0.9"] == pytest.approx(1 / 3)
+
+
+def test_merged_accumulators_equal_one_accumulator_over_all_maps():
+    maps, masks = _random_maps(0)
+    lo = min(m.min() for m in maps)
+    hi = max(m.max() for m in maps)
+    one = metrics.PixelAccumulator(lo, hi)
+    a, b = metrics.PixelAccumulator(lo, hi), metrics.PixelAccumulator(lo, hi)
+    for i, (m, g) in enumerate(zip(maps, masks)):
+        one.add(m, g)
+        (a if i % 2 else b).add(m, g)
+    assert a.merged(b).result() == pytest.approx(one.result(), abs=1e-12)
+    with pytest.raises(ValueError, match="different bins"):
+        a.merged(metrics.PixelAccumulator(lo, hi + 1.0))
+
+
+def test_kind_breakdown_scores_each_kind_against_the_good_frames_only():
+    from linewatch.evaluate import _kind_metrics
+
+    maps, masks = _random_maps(1, n=9)
+    n = len(maps)
+    kinds = [("crack", "spot", "good")[i % 3] for i in range(n)]
+    masks = [g if k != "good" else np.zeros_like(g) for g, k in zip(masks, kinds)]
+    scores = [float(m.max()) for m in maps]
+    lo = min(m.min() for m in maps)
+    hi = max(m.max() for m in maps)
+    by_kind = {k: metrics.PixelAccumulator(lo, hi) for k in dict.fromkeys(kinds)}
+    for m, g, k in zip(maps, masks, kinds):
+        by_kind[k].add(m, g)
+    rows = _kind_metrics(by_kind, kinds, scores)
+    assert set(rows) == {"crack", "spot"}
+    assert rows["crack"]["pixel_share"] + rows["spot"]["pixel_share"] == pytest.approx(1.0)
+    for k in ("crack", "spot"):
+        sel = [i for i in range(n) if kinds[i] in (k, "good")]
+        exact = metrics.pixel_metrics_exact([maps[i] for i in sel], [masks[i] for i in sel])
+        assert rows[k]["pixel_ap"] == pytest.approx(exact["pixel_ap"], abs=5e-3)
+        assert rows[k]["pixel_auroc"] == pytest.approx(exact["pixel_auroc"], abs=5e-3)
+        assert rows[k]["image_auroc"] == pytest.approx(
+            sk.roc_auc_score([kinds[i] == k for i in sel], [scores[i] for i in sel]), abs=1e-12)
+        assert rows[k]["frames"] == kinds.count(k)
+    assert _kind_metrics({"crack": by_kind["crack"], "good": by_kind["good"]}, kinds, scores) == {}
