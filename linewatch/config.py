@@ -280,9 +280,9 @@ class RefineConfig(Strict):
     enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
                             "Off: tier 2 publishes the coarse whole-lot maps. Off by default: it "
                             "sharpens thin defects on smooth surfaces (KolektorSDD pixel-AP 0.146 -> "
-                            "0.18 on average, pixel-AUROC a little lower) but lowers pixel-AP on "
-                            "textured magnetic_tile; check a product with `linewatch eval --methods "
-                            "coarse,refined` before enabling it.",
+                            "0.186 on average, pixel-AUROC 0.950 vs 0.952) but lowers pixel-AP a little "
+                            "on textured magnetic_tile (0.062 -> 0.054); check a product with "
+                            "`linewatch eval --methods coarse,refined` before enabling it.",
                             default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
     time_budget_s: float = restart("Wall-clock budget per lot for building samples and training; a "
@@ -319,7 +319,23 @@ class RefineConfig(Strict):
                                 "in full; below it the correction fades linearly to nothing at 0, so "
                                 "cold pixels keep their coarse score. 0 = no gate.", default=1.0, ge=0,
                                 le=10)
+    raise_max: float = restart("Largest increase the decoder may make to a coarse score (lot units; "
+                               "at most delta_max takes effect). 0 = it only lowers scores: it trims "
+                               "the halo of blurred patch cells and false alarms but cannot raise normal "
+                               "texture above a defect (raising cost Kolektor pixel-AUROC).",
+                               default=0.0, ge=0, le=10)
+    peak_window_px: int = restart("A pixel is lowered at most by how far its coarse score lies below "
+                                  "the highest one within this window (working-geometry pixels), so the "
+                                  "inside of a large defect, as hot as its own peak, is never hollowed "
+                                  "out (magnetic_tile's frays and breaks). 0 = no such bound; odd.",
+                                  default=25, ge=0, le=255)
     seed: int = restart("Random seed of the synthesis and training.", default=0)
+
+    @model_validator(mode="after")
+    def _odd_peak_window(self) -> "RefineConfig":
+        if self.peak_window_px and self.peak_window_px % 2 == 0:
+            raise ValueError(f"peak_window_px must be 0 or odd, got {self.peak_window_px}")
+        return self
 
     @model_validator(mode="after")
     def _gate_keeps_the_ranking(self) -> "RefineConfig":

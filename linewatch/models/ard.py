@@ -34,6 +34,14 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
    correction z-dependent (``z - 2 sigmoid(4 (z - 0.5))`` falls as z rises), which inverted the
    ranking (refined pixel-AUROC 0.24); the fixed ramp keeps a constant correction monotonic while
    ``delta_max <= g``.
+   Two more bounds, both fixed (config ``[refine] raise_max`` and ``peak_window_px``):
+   ``raise_max`` caps an *increase* (shipped 0: the decoder only lowers scores). Raising let dark
+   normal texture in hot cells climb above real defect pixels: on the Kolektor replays pixel-AUROC
+   fell below coarse in 3 of 4 seeds; lowering only kept it level at the same pixel-AP gain.
+   ``peak_window`` lets a pixel fall at most by how far it lies below the highest coarse score in
+   its neighbourhood: the halo around a hot spot can be trimmed, the inside of a large defect (as
+   hot as its own peak, no local contrast) cannot be hollowed out, which is what cost
+   magnetic_tile's frays and breaks their pixel-AP (bench/RESULTS.md).
    Training (``linewatch.refine.train``) ranks anomaly pixels against the hardest normal ones;
    the learned bias ``beta`` only serves the optional per-pixel loss and is left out of the map,
    so maps from ARD versions trained on different lots stay comparable.
@@ -106,13 +114,23 @@ class ARD(nn.Module):
     maps; ``map + beta`` are the logits of the optional per-pixel training loss."""
 
     def __init__(self, feat_dim: int, width: int = 24, skip_sigma: float = 0.0, delta_max: float = DELTA_MAX,
-                 gate_units: float = 0.0):
+                 gate_units: float = 0.0, raise_max: float | None = None, peak_window: int = 0):
         super().__init__()
         self.feat_dim = int(feat_dim)
         self.width = int(width)
         if not delta_max > 0:
             raise ValueError(f"delta_max must be > 0, got {delta_max}")
         self.delta_max = float(delta_max)  # bound of the correction, lot score units
+        # bound of an *increase* (None: delta_max, symmetric); 0 = the decoder only lowers scores
+        self.raise_max = self.delta_max if raise_max is None else float(raise_max)
+        if self.raise_max < 0:
+            raise ValueError(f"raise_max must be >= 0, got {raise_max}")
+        # > 0: a pixel is lowered at most by how far it lies below the highest coarse score within
+        # this window (px), so the halo around a hot spot can be trimmed but the inside of a large
+        # defect, as hot as its own peak, cannot be hollowed out
+        if peak_window < 0 or (peak_window and peak_window % 2 == 0):
+            raise ValueError(f"peak_window must be 0 or an odd number of pixels, got {peak_window}")
+        self.peak_window = int(peak_window)
         # > 0: the correction is scaled by clamp(coarse / gate_units, 0, 1), so cold pixels (the
         # bulk of every normal surface) keep their coarse score; a constant correction stays
         # monotonic in the coarse score as long as delta_max <= gate_units
@@ -160,6 +178,10 @@ class ARD(nn.Module):
         h = self.head(x) + (self.detail_gain.view(1, -1, 1, 1) * detail).sum(1, keepdim=True)
         h = h - _lower_median(_lower_median(h, -1), -2)
         delta = self.delta_max * torch.tanh(h / self.delta_max)
+        if self.raise_max < self.delta_max:
+            delta = delta.clamp_max(self.raise_max)
+        if self.peak_window:
+            delta = torch.maximum(delta, z1 - _local_peak(z1, self.peak_window))
         if self.gate_units > 0:
             delta = delta * (z1 / self.gate_units).clamp(0.0, 1.0)
         return z1 + delta
@@ -181,6 +203,14 @@ def detail_maps(image: torch.Tensor, window: int = DETAIL_WINDOW) -> torch.Tenso
     top = flat.topk(flat.shape[1] // 100 + 1, dim=1).values  # the top 1 % (topk exports to ONNX)
     q = top[:, -1:].view(n, 1, 1, 1) + 1e-6
     return (torch.cat([diff.clamp_min(0.0), (-diff).clamp_min(0.0)], 1) / q).clamp_max(DETAIL_CLIP)
+
+
+def _local_peak(z: torch.Tensor, window: int) -> torch.Tensor:
+    """The maximum of N x 1 x H x W maps over each pixel's ``window`` x ``window`` neighbourhood
+    (separable max pooling; borders see only the pixels inside the map)."""
+    r = window // 2
+    m = F.max_pool2d(z, (1, window), stride=1, padding=(0, r))
+    return F.max_pool2d(m, (window, 1), stride=1, padding=(r, 0))
 
 
 def _smooth(z: torch.Tensor, sigma: float) -> torch.Tensor:

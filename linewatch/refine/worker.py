@@ -85,7 +85,7 @@ class Refiner:
 
         # untrained: returns the coarse map as is (blurred like the engine's coarse maps)
         self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=cfg.delta_max,
-                         gate_units=cfg.gate_units)
+                         gate_units=cfg.gate_units, raise_max=cfg.raise_max, peak_window=cfg.peak_window_px)
         self._base.eval()
         self._current: ARDVersion | None = None
         self._lock = threading.Lock()

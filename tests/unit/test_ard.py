@@ -211,3 +211,46 @@ def test_training_stops_on_request():
     s = Sample(np.zeros((32, 32, 3), np.uint8), torch.zeros(4, 4, 4), torch.zeros(4, 4), np.zeros((32, 32), bool))
     rep = train_ard(ARD(4, 8), [s], steps=100, time_budget_s=60, rng=rng, should_stop=lambda: True)
     assert rep.steps == 0 and rep.stopped_by == "stop"
+
+
+def test_raise_max_zero_only_lowers_scores():
+    img, feat, z = _inputs()
+    ard = ARD(feat_dim=12, width=8, delta_max=1.0, raise_max=0.0)
+    torch.nn.init.normal_(ard.head.weight, std=50.0)
+    with torch.inference_mode():
+        out = ard(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    assert float((out - up).max()) <= 1e-6
+    assert float((out - up).min()) < -0.5  # it does lower
+    with pytest.raises(ValueError, match="raise_max"):
+        ARD(feat_dim=12, width=8, raise_max=-0.1)
+
+
+def test_peak_window_never_hollows_out_a_plateau_but_trims_its_halo():
+    """Inside a hot plateau every pixel is its own neighbourhood's peak: the decoder may not lower
+    it; around it (the halo of the upsampled cells) it may, at most to how far the pixel lies below
+    the peak."""
+    img, feat, _ = _inputs()
+    z = torch.zeros(2, 1, 8, 12)
+    z[..., 1:7, 2:10] = 3.0  # a large hot region
+    ard = ARD(feat_dim=12, width=8, delta_max=2.0, peak_window=9)
+    torch.nn.init.normal_(ard.head.weight, std=50.0)
+    with torch.inference_mode():
+        out = ard(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    change = out - up
+    plateau = up >= 3.0 - 1e-6
+    assert float(change[plateau].min()) >= -1e-5
+    peak = torch.nn.functional.max_pool2d(up, 9, stride=1, padding=4)
+    assert bool((change >= -(peak - up) - 1e-5).all())
+    assert float(change[~plateau].min()) < -0.2  # the halo is trimmed
+    with pytest.raises(ValueError, match="peak_window"):
+        ARD(feat_dim=12, width=8, peak_window=8)
+
+
+def test_config_refuses_an_even_peak_window():
+    from linewatch.config import Config
+
+    with pytest.raises(ValueError, match="peak_window_px"):
+        Config.model_validate({"refine": {"peak_window_px": 24}})
+    assert Config.model_validate({"refine": {"peak_window_px": 0}}).refine.peak_window_px == 0
