@@ -281,7 +281,7 @@ class RefineConfig(Strict):
                             "Off: tier 2 publishes the coarse whole-lot maps. Off by default: it "
                             "sharpens thin defects on smooth surfaces (KolektorSDD pixel-AP 0.146 -> "
                             "0.186 on average, pixel-AUROC 0.950 vs 0.952) but lowers pixel-AP a little "
-                            "on textured magnetic_tile (0.062 -> 0.054); check a product with "
+                            "on textured magnetic_tile (0.062 -> 0.052-0.056); check a product with "
                             "`linewatch eval --methods coarse,refined` before enabling it.",
                             default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
