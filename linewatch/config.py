@@ -280,8 +280,8 @@ class RefineConfig(Strict):
     enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
                             "Off: tier 2 publishes the coarse whole-lot maps. Off by default: it "
                             "sharpens thin defects on smooth surfaces (KolektorSDD pixel-AP 0.146 -> "
-                            "0.186 on average, pixel-AUROC 0.950 vs 0.952) but lowers pixel-AP a little "
-                            "on textured magnetic_tile (0.062 -> 0.052-0.056); check a product with "
+                            "0.189 on average, pixel-AUROC 0.952 as coarse) but lowers pixel-AP a little "
+                            "on textured magnetic_tile (0.062 -> 0.055-0.057); check a product with "
                             "`linewatch eval --methods coarse,refined` before enabling it.",
                             default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
@@ -317,8 +317,9 @@ class RefineConfig(Strict):
                                "surfaces lose less with 0.5.", default=1.0, gt=0, le=10)
     gate_units: float = restart("Coarse score (lot units) from which the decoder's correction applies "
                                 "in full; below it the correction fades linearly to nothing at 0, so "
-                                "cold pixels keep their coarse score. 0 = no gate.", default=1.0, ge=0,
-                                le=10)
+                                "cold pixels keep their coarse score (and warm ones most of theirs: with "
+                                "2.0 instead of 1.0, Kolektor pixel-AUROC stays level with coarse). "
+                                "0 = no gate.", default=2.0, ge=0, le=10)
     raise_max: float = restart("Largest increase the decoder may make to a coarse score (lot units; "
                                "at most delta_max takes effect). 0 = it only lowers scores: it trims "
                                "the halo of blurred patch cells and false alarms but cannot raise normal "
