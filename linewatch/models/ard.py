@@ -167,7 +167,7 @@ class ARD(nn.Module):
         i4 = self.stem4(i2)
         z4 = F.interpolate(z, size=i4.shape[-2:], mode="bilinear", align_corners=False)
         z2 = F.interpolate(z, size=i2.shape[-2:], mode="bilinear", align_corners=False)
-        z1 = F.interpolate(_smooth(z, self.skip_sigma), size=(h, w), mode="bilinear", align_corners=False)
+        z1 = self.coarse(z, (h, w))
         x = self.up4(torch.cat([f, s], 1), i4, z4)
         x = self.up2(x, i2, z2)
         x = self.up1(x, image, z1, detail)
@@ -185,6 +185,12 @@ class ARD(nn.Module):
         if self.gate_units > 0:
             delta = delta * (z1 / self.gate_units).clamp(0.0, 1.0)
         return z1 + delta
+
+
+    def coarse(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The fixed skip: coarse grids N x 1 x h x w blurred (``skip_sigma``) and upsampled to
+        ``size``. It is also the whole output of an untrained ARD (zero head, zero gains)."""
+        return F.interpolate(_smooth(z, self.skip_sigma), size=size, mode="bilinear", align_corners=False)
 
 
 def detail_maps(image: torch.Tensor, window: int = DETAIL_WINDOW) -> torch.Tensor:

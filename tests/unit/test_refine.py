@@ -158,6 +158,12 @@ def test_refine_uses_the_given_version_and_maps_to_the_frame_grid():
     assert np.allclose(np.stack(maps), up, atol=1e-5)  # no ARD yet: the engine's coarse map as is
     full = Refiner.to_frame(maps[0], 64, 96)
     assert full.shape == (64, 96) and full.dtype == np.float32
+    # without an ARD the decoder is not run; its shortcut must be what the untrained decoder returns
+    from linewatch.models.backbone import preprocess
+
+    with torch.inference_mode():
+        decoded = r._base(preprocess(np.stack(images)), torch.stack(feats), torch.stack(z)[:, None])[:, 0]
+    assert np.allclose(np.stack(maps), decoded.numpy(), atol=1e-5)
 
 
 def test_a_newer_lot_replaces_a_pending_one():
