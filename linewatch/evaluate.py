@@ -386,7 +386,7 @@ def _gallery(results, order, masks, out: Path, n: int) -> dict[str, list[dict]]:
 
 
 def _md_table_html(md: str) -> str:
-    """A Markdown table (as written by ``kind_table``) as an HTML table."""
+    """A Markdown table as written by this module (``metrics_table`` and the others) as HTML."""
     lines = [ln.strip().strip("|").split("|") for ln in md.splitlines() if not ln.startswith("|---")]
     cells = [[html.escape(c.strip()) for c in ln] for ln in lines]
     head = "".join(f"<th>{c}</th>" for c in cells[0])
@@ -394,15 +394,16 @@ def _md_table_html(md: str) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _index_html(out: Path, title: str, kinds_md: str, results, cases) -> None:
-    rows = "".join(
-        "<tr><td>" + html.escape(r.name) + "</td>" + "".join(f"<td>{r.metrics[k]:.4f}</td>" for k in METRIC_KEYS)
-        + f"<td>{r.metrics['seconds_per_image']:.3f}</td></tr>" for r in results.values())
-    head = "".join(f"<th>{k}</th>" for k in METRIC_KEYS)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
-             "img{height:220px;margin:2px}table{border-collapse:collapse}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><table><tr><th>method</th>{head}<th>s/image</th></tr>{rows}</table>",
+def _page_head(title: str) -> str:
+    """Start of a report page: title, styles and the heading."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
+            "img{height:220px;margin:2px}table{border-collapse:collapse}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>")
+
+
+def _index_html(out: Path, title: str, table_md: str, kinds_md: str, cases) -> None:
+    parts = [_page_head(title) + _md_table_html(table_md),
              "<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>"]
     if kinds_md:
         parts.append("<h2>By defect kind</h2><p>Each kind's frames against all defect-free frames.</p>"
@@ -462,7 +463,7 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
         "by_kind": {r.name: r.by_kind for r in results.values() if r.by_kind}}, indent=2), encoding="utf-8")
     _pr_plot(results, labels, out / "pr_curve.png")
     cases = _gallery(results, order, masks, out, args.gallery)
-    _index_html(out, title, kinds_md, results, cases)
+    _index_html(out, title, table, kinds_md, cases)
     print(table)
     if kinds_md:
         print(kinds_md)
@@ -472,37 +473,35 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
     return {r.name: r.metrics for r in results.values()}
 
 
-def category_table(per_category: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: one row per category and method, then the mean over the categories."""
+def _category_means(per_category: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per method, the mean of each metric over the categories."""
     methods = list(next(iter(per_category.values())))
+    return {m: {k: float(np.mean([per_category[c][m][k] for c in per_category])) for k in METRIC_KEYS}
+            for m in methods}
+
+
+def category_table(per_category: dict[str, dict[str, dict[str, float]]],
+                   mean: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per category and method, then the mean over the categories."""
     rows = ["| category | method | " + " | ".join(METRIC_KEYS) + " |", "|" + "---|" * (len(METRIC_KEYS) + 2)]
-    for cat, by_method in per_category.items():
+    for cat, by_method in [*per_category.items(), (f"**mean of {len(per_category)}**", mean)]:
         for m, row in by_method.items():
             rows.append(f"| {cat} | {m} | " + " | ".join(f"{row[k]:.4f}" for k in METRIC_KEYS) + " |")
-    for m in methods:
-        means = [np.mean([per_category[c][m][k] for c in per_category]) for k in METRIC_KEYS]
-        rows.append(f"| **mean of {len(per_category)}** | {m} | " + " | ".join(f"{v:.4f}" for v in means) + " |")
     return "\n".join(rows)
 
 
 def _summary(out: Path, data: Path, per_category: dict[str, dict[str, dict[str, float]]]) -> None:
     """The top-level report of a multi-category run: the category table and links to each report."""
-    table = category_table(per_category)
+    mean = _category_means(per_category)
+    table = category_table(per_category, mean)
     title = f"linewatch eval: {data} ({len(per_category)} categories, each evaluated apart)"
     (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nEach category's own report: "
                                     "<category>/metrics.md and <category>/index.html.\n", encoding="utf-8")
-    methods = list(next(iter(per_category.values())))
-    mean = {m: {k: float(np.mean([per_category[c][m][k] for c in per_category])) for k in METRIC_KEYS}
-            for m in methods}
     (out / "metrics.json").write_text(json.dumps({"data": str(data), "categories": per_category, "mean": mean},
                                                  indent=2), encoding="utf-8")
     links = "".join(f"<li><a href='{html.escape(c)}/index.html'>{html.escape(c)}</a></li>" for c in per_category)
-    (out / "index.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
-        "table{border-collapse:collapse}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>{_md_table_html(table)}<h2>Categories</h2><ul>{links}</ul></body></html>",
-        encoding="utf-8")
+    (out / "index.html").write_text(_page_head(title) + _md_table_html(table)
+                                    + f"<h2>Categories</h2><ul>{links}</ul></body></html>", encoding="utf-8")
     print(table)
     print(f"summary written to {out}/index.html")
 

@@ -186,7 +186,6 @@ class ARD(nn.Module):
             delta = delta * (z1 / self.gate_units).clamp(0.0, 1.0)
         return z1 + delta
 
-
     def coarse(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The fixed skip: coarse grids N x 1 x h x w blurred (``skip_sigma``) and upsampled to
         ``size``. It is also the whole output of an untrained ARD (zero head, zero gains)."""
