@@ -20,7 +20,11 @@ Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases
 ``--out``. Pixel metrics are binned (see ``linewatch.metrics``). Where the data has several defect
 kinds (magnetic_tile, MVTec AD) the report also breaks the figures down by kind, each kind's frames
 against all defect-free frames, with the kind's share of the defect pixels: the pooled pixel-AP is
-decided by the kinds that cover the most pixels (on magnetic_tile, *uneven*). An MVTec AD root
+decided by the kinds that cover the most pixels (on magnetic_tile, *uneven*). It also shows where
+each method's false alarms lie at its F1-max threshold (``FALSE_ALARM_PLACES``), with the pixel-AP
+that suppressing each place's false alarms would reach: AnoRefiner's decoder trims the halo near a
+defect, so where that ceiling is low it has little to win (on magnetic_tile most false alarms are
+whole hot regions of defect-free frames). An MVTec AD root
 with several categories is evaluated one category at a time, as the benchmark is (each its own
 lots, engine and PGT state: a category is a product), with a report folder per category and a
 summary table of every category and the mean over them at the top.
@@ -49,6 +53,10 @@ logger = logging.getLogger(__name__)
 METHODS = ("floor", "coarse", "tier1", "refined")
 FLOOR_SIZE = 256
 FLOOR_TOPK = 0.3
+# where a false alarm lies: near a marked defect (within ``metrics.near_defect``: the halo a
+# patch-level map spreads around a defect, what AnoRefiner's decoder trims), elsewhere on a frame
+# with a defect, or on a defect-free frame
+FALSE_ALARM_PLACES = ("near_defect", "defective_frame", "good_frame")
 METRIC_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1max", "image_auroc", "image_ap", "image_f1max")
 
 
@@ -86,6 +94,7 @@ class MethodResult:
     metrics: dict[str, float] = field(default_factory=dict)
     accumulator: mx.PixelAccumulator | None = None
     by_kind: dict[str, dict[str, float]] = field(default_factory=dict)  # defect kind -> metrics
+    false_alarms: dict[str, dict[str, float]] = field(default_factory=dict)  # place -> figures
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,8 +265,8 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
         lo = float(min(m.min() for m in r.maps))
         hi = float(max(m.max() for m in r.maps))
         by_kind = {k: mx.PixelAccumulator(lo, hi) for k in dict.fromkeys(kinds)}
-        for m, g, k in zip(r.maps, masks, kinds):
-            by_kind[k].add(m.astype(np.float32), g)
+        for m, g, k, bad in zip(r.maps, masks, kinds, labels):
+            by_kind[k].add(m.astype(np.float32), g, _places(g, bool(bad)))
         acc = mx.PixelAccumulator(lo, hi)
         for a in by_kind.values():
             acc = acc.merged(a)
@@ -265,7 +274,16 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
         r.metrics = {**acc.result(), **mx.image_metrics(labels, r.scores),
                      "seconds_per_image": r.seconds / max(len(order), 1)}
         r.by_kind = _kind_metrics(by_kind, kinds, r.scores)
+        r.false_alarms = acc.false_alarms()
     return results, order, masks
+
+
+def _places(mask: np.ndarray, defective: bool) -> dict[str, np.ndarray]:
+    """A frame's normal pixels by where they lie (see ``FALSE_ALARM_PLACES``)."""
+    if mask.any():
+        near = mx.near_defect(mask)
+        return {"near_defect": near, "defective_frame": ~near}
+    return {"defective_frame" if defective else "good_frame": np.ones(mask.shape, dtype=bool)}
 
 
 def _kind_metrics(by_kind: dict[str, mx.PixelAccumulator], kinds: list[str],
@@ -317,6 +335,30 @@ def kind_table(results: dict[str, MethodResult]) -> str:
             row = r.by_kind[k]
             cells = [f"{row[key]:.4f}" if key in row else "-" for key in KIND_KEYS]
             rows.append(f"| {k} | {int(row['frames'])} | {row['pixel_share']:.3f} | {r.name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+FALSE_ALARM_TITLE = "Where the false alarms are"
+FALSE_ALARM_NOTE = ("Each cell: the share of the normal pixels scored at or above the method's F1-max "
+                    "threshold that lie there, and in brackets the pixel-AP if every false alarm there "
+                    "were suppressed (a ceiling). AnoRefiner's decoder can only trim the halo near a "
+                    "defect: where that ceiling is close to the pixel-AP, refinement has little to gain.")
+PLACE_LABELS = {"near_defect": "near a defect", "defective_frame": "elsewhere on defective frames",
+                "good_frame": "on defect-free frames"}
+
+
+def false_alarm_table(results: dict[str, MethodResult]) -> str:
+    """Markdown table of where each method's false alarms lie (empty when none was measured)."""
+    if not any(r.false_alarms for r in results.values()):
+        return ""
+    rows = ["| method | pixel-AP | " + " | ".join(PLACE_LABELS[p] for p in FALSE_ALARM_PLACES) + " |",
+            "|" + "---|" * (len(FALSE_ALARM_PLACES) + 2)]
+    for r in results.values():
+        cells = []
+        for p in FALSE_ALARM_PLACES:
+            fa = r.false_alarms.get(p)
+            cells.append(f"{100 * fa['share_at_f1max']:.0f} % ({fa['ap_without']:.4f})" if fa else "-")
+        rows.append(f"| {r.name} | {r.metrics['pixel_ap']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -402,12 +444,14 @@ def _page_head(title: str) -> str:
             f"<h1>{html.escape(title)}</h1>")
 
 
-def _index_html(out: Path, title: str, table_md: str, kinds_md: str, cases) -> None:
+def _index_html(out: Path, title: str, table_md: str, kinds_md: str, alarms_md: str, cases) -> None:
     parts = [_page_head(title) + _md_table_html(table_md),
              "<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>"]
     if kinds_md:
         parts.append("<h2>By defect kind</h2><p>Each kind's frames against all defect-free frames.</p>"
                      + _md_table_html(kinds_md))
+    if alarms_md:
+        parts.append(f"<h2>{FALSE_ALARM_TITLE}</h2><p>{html.escape(FALSE_ALARM_NOTE)}</p>" + _md_table_html(alarms_md))
     for name, items in cases.items():
         parts.append(f"<h2>Gallery: {html.escape(name)}</h2>")
         for c in items:
@@ -452,6 +496,9 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
                     f"(--contaminate {info['contaminate']}). Wall time {info['wall_s']} s.\n")
     kinds_md = kind_table(results)
     kinds_part = f"\n## By defect kind (its frames against all defect-free frames)\n\n{kinds_md}\n" if kinds_md else ""
+    alarms_md = false_alarm_table(results)
+    if alarms_md:
+        kinds_part += f"\n## {FALSE_ALARM_TITLE}\n\n{FALSE_ALARM_NOTE}\n\n{alarms_md}\n"
     (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nPixel metrics binned over "
                                     f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n"
                                     + run_line + kinds_part, encoding="utf-8")
@@ -460,13 +507,15 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
         "engine": engine_cfg.model_dump(mode="json"), "batch_size": batch_size,
         "refine": refine_cfg.model_dump(mode="json") if "refined" in methods else None, "run": info,
         "methods": {r.name: r.metrics for r in results.values()},
-        "by_kind": {r.name: r.by_kind for r in results.values() if r.by_kind}}, indent=2), encoding="utf-8")
+        "by_kind": {r.name: r.by_kind for r in results.values() if r.by_kind},
+        "false_alarms": {r.name: r.false_alarms for r in results.values()}}, indent=2), encoding="utf-8")
     _pr_plot(results, labels, out / "pr_curve.png")
     cases = _gallery(results, order, masks, out, args.gallery)
-    _index_html(out, title, table, kinds_md, cases)
+    _index_html(out, title, table, kinds_md, alarms_md, cases)
     print(table)
-    if kinds_md:
-        print(kinds_md)
+    for md in (kinds_md, alarms_md):
+        if md:
+            print(md)
     if info:
         print("run:", json.dumps({k: v for k, v in info.items() if k != "last_round"}))
     print(f"report written to {out}/index.html")

@@ -10,6 +10,10 @@ by the bin width (with the default 2^14 bins, AUROC/AP/AUPRO agree with the exac
 AUPRO follows the MVTec AD protocol: per-region overlap averaged over ground-truth connected
 components (8-connected), plotted against the false-positive rate on defect-free pixels,
 integrated up to FPR 0.3 and divided by 0.3 (so 1.0 is perfect).
+
+``PixelAccumulator.add`` may also sort an image's normal pixels into named places (near a defect,
+on a defect-free frame, ...); ``false_alarms`` then tells each place's share of the false alarms at
+the F1-max threshold and the pixel-AP without that place's normal pixels.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 1 << 14
 AUPRO_FPR_LIMIT = 0.3
+NEAR_DEFECT_FRACTION = 0.08  # ``near_defect``: about three patch cells of the engine's working geometry
 
 
 # ---------------------------------------------------------------------- curves from counts
@@ -122,6 +127,8 @@ class PixelAccumulator:
     pos: np.ndarray = field(init=False)
     neg: np.ndarray = field(init=False)
     regions: list[np.ndarray] = field(init=False, default_factory=list)  # per-component histograms
+    # normal pixels by where they lie (``add``'s ``places``): place -> histogram
+    places: dict[str, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.hi > self.lo:
@@ -133,13 +140,17 @@ class PixelAccumulator:
         b = (np.asarray(scores, dtype=np.float64) - self.lo) * (self.n_bins / (self.hi - self.lo))
         return np.clip(b, 0, self.n_bins - 1).astype(np.int64)
 
-    def add(self, score_map: np.ndarray, mask: np.ndarray) -> None:
-        """Add one image (float HxW map, bool HxW ground truth)."""
+    def add(self, score_map: np.ndarray, mask: np.ndarray, places: dict[str, np.ndarray] | None = None) -> None:
+        """Add one image (float HxW map, bool HxW ground truth). ``places`` (optional): name ->
+        bool HxW map of some of the image's normal pixels, counted apart for ``false_alarms``."""
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != score_map.shape:
             raise ValueError(f"score map {score_map.shape} and mask {mask.shape} differ in shape")
         bins = self._bin(score_map)
         self.neg += np.bincount(bins[~mask], minlength=self.n_bins)
+        for name, where in (places or {}).items():
+            hist = np.bincount(bins[np.asarray(where, dtype=bool) & ~mask], minlength=self.n_bins)
+            self.places[name] = self.places.get(name, 0) + hist
         if mask.any():
             self.pos += np.bincount(bins[mask], minlength=self.n_bins)
             labels, n = _components(mask)
@@ -169,12 +180,41 @@ class PixelAccumulator:
         out = PixelAccumulator(self.lo, self.hi, self.n_bins)
         out.pos, out.neg = self.pos + other.pos, self.neg + other.neg
         out.regions = self.regions + other.regions
+        for name in dict.fromkeys([*self.places, *other.places]):
+            out.places[name] = self.places.get(name, 0) + other.places.get(name, 0)
+        return out
+
+    def false_alarms(self) -> dict[str, dict[str, float]]:
+        """Where the false alarms lie, per place given to ``add``: ``share_at_f1max``, the place's
+        share of the normal pixels scored at or above the F1-max threshold, and ``ap_without``,
+        the pixel-AP with the place's normal pixels left out (what a perfect suppression of false
+        alarms there could reach at most)."""
+        tp, fp = self.counts()
+        p = tp[-1]
+        if p == 0 or fp[-1] == 0:
+            return {}
+        at = int(np.argmax(2 * tp / np.maximum(tp + fp + p, 1e-12)))
+        out = {}
+        for name, hist in self.places.items():
+            rest = np.cumsum((self.neg - hist)[::-1]).astype(np.float64)
+            out[name] = {"share_at_f1max": float(np.cumsum(hist[::-1])[at] / max(fp[at], 1.0)),
+                         "ap_without": ap_from_counts(tp, rest) if rest[-1] > 0 else 1.0}
         return out
 
     def result(self) -> dict[str, float]:
         tp, fp = self.counts()
         return {"pixel_auroc": auroc_from_counts(tp, fp), "pixel_ap": ap_from_counts(tp, fp),
                 "pixel_f1max": f1max_from_counts(tp, fp), "aupro": self.aupro()}
+
+
+def near_defect(mask: np.ndarray, fraction: float = NEAR_DEFECT_FRACTION) -> np.ndarray:
+    """Normal pixels of a bool mask's frame within ``fraction`` of the frame's shorter side of a
+    marked pixel (square neighbourhood): where the blurred halo of a patch-level map falls."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    r = max(1, int(round(fraction * min(mask.shape))))
+    return ndimage.maximum_filter(mask, size=2 * r + 1, mode="constant") & ~mask
 
 
 def pixel_metrics(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], lo: float, hi: float,

@@ -65,5 +65,12 @@ def test_eval_reports_each_category_apart_and_each_defect_kind(tmp_path):
         assert sum(k["pixel_share"] for k in kinds.values()) == pytest.approx(1.0)
         assert all(k["frames"] == 2 for k in kinds.values())
         assert "By defect kind" in (out / cat / "index.html").read_text()
+        # where the false alarms lie: every normal pixel in one place, each ceiling at least the AP
+        for method in ("floor", "coarse"):
+            places = rep["false_alarms"][method]
+            assert set(places) == {"near_defect", "defective_frame", "good_frame"}
+            assert sum(p["share_at_f1max"] for p in places.values()) == pytest.approx(1.0)
+            assert all(p["ap_without"] >= rep["methods"][method]["pixel_ap"] - 1e-9 for p in places.values())
+        assert "Where the false alarms are" in (out / cat / "index.html").read_text()
         assert (out / cat / "pr_curve.png").stat().st_size > 0
         assert list((out / cat / "gallery" / "coarse").glob("best_*_pred.png"))

@@ -174,3 +174,59 @@ def test_kind_breakdown_scores_each_kind_against_the_good_frames_only():
             sk.roc_auc_score([kinds[i] == k for i in sel], [scores[i] for i in sel]), abs=1e-12)
         assert rows[k]["frames"] == kinds.count(k)
     assert _kind_metrics({"crack": by_kind["crack"], "good": by_kind["good"]}, kinds, scores) == {}
+
+
+def test_false_alarm_places_match_brute_force():
+    """Share of the normal pixels at or above the F1-max threshold per place, and the pixel-AP
+    with a place's normal pixels left out, against sklearn on the kept pixels."""
+    from linewatch.evaluate import _places
+
+    rng = np.random.default_rng(3)
+    masks, maps = [], []
+    for i in range(8):
+        g = np.zeros((40, 40), bool)
+        if i % 2 == 0:
+            y, x = rng.integers(4, 24, size=2)
+            g[y:y + 10, x:x + 10] = True
+        halo = metrics.near_defect(g)
+        masks.append(g)  # scores overlap, and blur into a halo: false alarms at F1-max, most near defects
+        maps.append((rng.normal(0, 0.3, g.shape) + 0.8 * g + 0.3 * halo).astype(np.float32))
+    labels = [bool(g.any()) or i == 7 for i, g in enumerate(masks)]  # frame 7: defective, nothing marked
+    lo, hi = min(m.min() for m in maps), max(m.max() for m in maps)
+    acc = metrics.PixelAccumulator(lo, hi, n_bins=1 << 16)
+    places = [_places(g, bad) for g, bad in zip(masks, labels)]
+    for m, g, p in zip(maps, masks, places):
+        acc.add(m, g, p)
+    got = acc.false_alarms()
+    assert set(got) == {"near_defect", "defective_frame", "good_frame"}
+    s = np.concatenate([m.ravel() for m in maps])
+    y = np.concatenate([g.ravel() for g in masks])
+    # the F1-max threshold, exactly
+    t = max(np.unique(s), key=lambda t: 2 * np.sum(y & (s >= t)) / (np.sum(s >= t) + y.sum()))
+    fp = ~y & (s >= t)
+    shares = 0.0
+    for name in got:
+        where = np.concatenate([p.get(name, np.zeros(g.shape, bool)).ravel() for p, g in zip(places, masks)]) & ~y
+        assert got[name]["share_at_f1max"] == pytest.approx(np.sum(fp & where) / fp.sum(), abs=0.02)
+        keep = ~where
+        assert got[name]["ap_without"] == pytest.approx(sk.average_precision_score(y[keep], s[keep]), abs=3e-3)
+        shares += got[name]["share_at_f1max"]
+    assert shares == pytest.approx(1.0)  # every normal pixel lies in exactly one place
+    assert all(0.1 < v["share_at_f1max"] < 0.6 for v in got.values())  # the halo, and noise everywhere
+    assert got["near_defect"]["ap_without"] > metrics.ap_from_counts(*acc.counts())
+    # merging keeps the places
+    half = metrics.PixelAccumulator(lo, hi, n_bins=1 << 16)
+    rest = metrics.PixelAccumulator(lo, hi, n_bins=1 << 16)
+    for i, (m, g, p) in enumerate(zip(maps, masks, places)):
+        (half if i < 4 else rest).add(m, g, p)
+    merged = half.merged(rest).false_alarms()
+    assert {k: pytest.approx(v) for k, v in got.items()} == merged
+
+
+def test_near_defect_is_a_ring_scaled_to_the_frame():
+    m = np.zeros((100, 200), bool)
+    m[50, 100] = True
+    near = metrics.near_defect(m, fraction=0.05)  # 5 px of the shorter side (100)
+    assert not near[50, 100]
+    assert near[45, 95] and near[55, 105] and not near[44, 100] and not near[50, 106]
+    assert near.sum() == 11 * 11 - 1
