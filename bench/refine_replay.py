@@ -7,8 +7,10 @@ daemon's ``Refiner`` as often as wanted (``run``): lot k refined by the ARD trai
 then PGT on lot k, waiting for each round as the evaluation does. It prints coarse (the baseline,
 from the same replay) against refined:
 
-- pixel-AUROC / pixel-AP / AUPRO / F1-max over all frames, and pixel-AP over defective frames only
-  (localisation where there is something to find, without the false alarms of good frames);
+- pixel-AUROC / pixel-AP / AUPRO / F1-max over all frames; the pixel-AP were every false alarm near
+  a defect suppressed (``ap_without_near``: the most that trimming halos, the ARD's main work,
+  could reach; see `linewatch eval`'s false-alarm breakdown); and pixel-AP over defective frames
+  only (localisation where there is something to find, without the false alarms of good frames);
 - pixel-AP on fresh synthetic anomalies pasted into the last lot's pseudo-normals (what PGT
   optimises): a refined figure that rises here while the real one falls means the decoder learned
   the synthesis, not the defects.
@@ -66,14 +68,20 @@ def cache(args) -> int:
     return 0
 
 
-def _metrics(maps: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
+def _metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels=None) -> dict[str, float]:
+    """Pixel metrics; with the frames' ``labels``, also the pixel-AP were the false alarms near
+    defects suppressed (``ap_without_near``: what trimming halos could reach at most)."""
     lo = float(min(m.min() for m in maps))
     hi = float(max(m.max() for m in maps))
     acc = mx.PixelAccumulator(lo, hi)
-    for m, g in zip(maps, masks):
-        acc.add(m.astype(np.float32), g)
+    for k, (m, g) in enumerate(zip(maps, masks)):
+        acc.add(m.astype(np.float32), g, None if labels is None else ev._places(g, bool(labels[k])))
     res = acc.result()
-    return {k: round(float(res[k]), 4) for k in PIXEL_KEYS}
+    out = {k: round(float(res[k]), 4) for k in PIXEL_KEYS}
+    near = acc.false_alarms().get("near_defect") if labels is not None else None
+    if near is not None:
+        out["ap_without_near"] = round(near["ap_without"], 4)
+    return out
 
 
 def _synthetic_ap(refiner: worker.Refiner, job: worker.LotJob, extract, cfg, n: int = 24) -> tuple[float, float]:
@@ -141,9 +149,9 @@ def run(args) -> int:
         i += n
     bad = [k for k, lab in enumerate(labels) if lab]
     rows = {
-        "coarse": {**_metrics(coarse, masks), "ap_defective_frames": _metrics([coarse[k] for k in bad],
+        "coarse": {**_metrics(coarse, masks, labels), "ap_defective_frames": _metrics([coarse[k] for k in bad],
                                                                               [masks[k] for k in bad])["pixel_ap"]},
-        "refined": {**_metrics(refined, masks), "ap_defective_frames": _metrics([refined[k] for k in bad],
+        "refined": {**_metrics(refined, masks, labels), "ap_defective_frames": _metrics([refined[k] for k in bad],
                                                                                 [masks[k] for k in bad])["pixel_ap"]},
     }
     syn = _synthetic_ap(refiner, jobs[-1], engine.features, cfg)
