@@ -192,6 +192,7 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
         if contaminate is not None:
             selector = ContaminatingSelector(contaminate, refine_cfg.min_pseudo_normals, refine_cfg.seed)
         engine.enable_refinement(refine_cfg, selector=selector)
+        engine.keep_coarse = True  # the coarse maps the refinement started from, for the "coarse" rows
     lot_labels: dict[str, list[bool]] = {}
     pgt_seconds = 0.0
     order: list[ds.Sample] = []

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import InspectConfig, ThresholdConfig
 from .decision import Threshold, regions_from_mask
-from .engines.base import Engine
+from .engines.base import Engine, Tier2Unavailable
 from .frames import EngineOutput, FrameMeta, LotEvent, Result, Verdict
 from .priority import TIER2_NICE, lower_priority
 from .ring import FrameRing, Handle, StaleHandle
@@ -38,12 +38,17 @@ def model_info(engine: Engine) -> dict[str, str]:
 def decide(out: EngineOutput, meta: FrameMeta, thr: Threshold, min_region_px: int,
            model: dict[str, str], tier: int = 1, observe: bool = True) -> Result:
     """One engine output -> one Result (OK / NG, or NOT_INSPECTED while uncalibrated, FAULT for
-    a non-finite score). Threshold-free engines (``out.mask`` set) decide by their regions."""
+    a non-finite score or map). Threshold-free engines (``out.mask`` set) decide by their regions."""
     now = time.time()
     score = float(out.image_score)
-    if not math.isfinite(score) or out.score_map.shape != (meta.height, meta.width):
-        why = ("engine returned a non-finite score" if not math.isfinite(score) else
-               f"engine returned a {out.score_map.shape} map for a {meta.height}x{meta.width} frame")
+    why = None
+    if not math.isfinite(score):
+        why = "engine returned a non-finite score"
+    elif out.score_map.shape != (meta.height, meta.width):
+        why = f"engine returned a {out.score_map.shape} map for a {meta.height}x{meta.width} frame"
+    elif out.score_map.size and not math.isfinite(float(out.score_map.max())):  # NaN or +inf anywhere
+        why = "engine returned a non-finite score map"
+    if why is not None:
         return Result(meta, Verdict.FAULT, None, [], model, reason=why, t_inspected=now, tier=tier)
     if out.mask is not None:
         regions = out.regions or regions_from_mask(out.mask, out.score_map, min_region_px)
@@ -260,6 +265,10 @@ class LotCloser:
         refined: list[Result] = []
         try:
             outs = engine.lot_closed(ev.lot_id)
+        except Tier2Unavailable as exc:
+            logger.warning("tier 2 not inspected for lot %s: %s", ev.lot_id, exc)
+            self.publish_lot(ev, [], {**counts, "tier2": f"NOT_INSPECTED: {exc}"})
+            return
         except Exception as exc:  # noqa: BLE001 - a tier-2 failure is reported, tier 1 stands
             logger.exception("tier 2 failed for lot %s", ev.lot_id)
             self.publish_lot(ev, [], {**counts, "tier2": f"FAULT: {type(exc).__name__}: {exc}"})

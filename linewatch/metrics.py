@@ -38,12 +38,20 @@ def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarr
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if labels.shape != scores.shape:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in length")
+    _finite(scores)
     order = np.argsort(-scores, kind="mergesort")
     s, y = scores[order], labels[order]
     last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each distinct score
     tp = np.cumsum(y)[last]
     fp = (last + 1) - tp
     return tp.astype(np.float64), fp.astype(np.float64)
+
+
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """``scores`` if all finite; a NaN would otherwise rank as the lowest score and an inf as a tie."""
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError(f"{int(np.count_nonzero(~np.isfinite(scores)))} non-finite score(s): metrics undefined")
+    return scores
 
 
 def _check(tp: np.ndarray, fp: np.ndarray) -> tuple[float, float]:
@@ -137,7 +145,8 @@ class PixelAccumulator:
         self.neg = np.zeros(self.n_bins, dtype=np.int64)
 
     def _bin(self, scores: np.ndarray) -> np.ndarray:
-        b = (np.asarray(scores, dtype=np.float64) - self.lo) * (self.n_bins / (self.hi - self.lo))
+        scores = _finite(np.asarray(scores, dtype=np.float64))
+        b = (scores - self.lo) * (self.n_bins / (self.hi - self.lo))
         return np.clip(b, 0, self.n_bins - 1).astype(np.int64)
 
     def add(self, score_map: np.ndarray, mask: np.ndarray, places: dict[str, np.ndarray] | None = None) -> None:

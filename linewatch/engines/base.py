@@ -9,6 +9,10 @@ import numpy as np
 from ..frames import EngineOutput, FrameMeta
 
 
+class Tier2Unavailable(Exception):
+    """A closed lot that cannot be judged as a whole (e.g. too few frames to set its score scale)."""
+
+
 class Engine(Protocol):
     """A tier-1 inspection engine.
 
@@ -21,7 +25,9 @@ class Engine(Protocol):
     lot-aware engine returns tier-2 (whole-lot) outputs keyed by frame id, or {}. The daemon
     calls it from its lot-closer thread WHILE ``infer`` keeps running on the inspector thread
     for the next lot, so an engine must make the two safe together (e.g. take the closed lot's
-    features out under a lock at the start, then compute without holding it).
+    features out under a lock at the start, then compute without holding it). It raises
+    ``Tier2Unavailable`` when the lot cannot be judged as a whole (the lot's frames are then
+    NOT_INSPECTED at tier 2, their tier-1 results stand) and anything else on failure (FAULT).
     """
 
     name: str

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ..frames import EngineOutput, FrameMeta
+from .base import Tier2Unavailable
 from ..models import zeroshot as zs
 from ..models.ard import grid_scale, lot_median, normalise_grid
 from ..models.backbone import FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
@@ -69,6 +70,10 @@ MAX_OPEN_LOTS = 10
 MAX_LOT_FRAMES = 256  # frames of one lot kept for tier 2 (oldest dropped beyond, and counted)
 SMOOTH_SIGMA_CELLS = 0.5  # Gaussian blur of the patch-score grid (4 px of the resized frame)
 IMAGE_TOP_FRACTION = 0.01  # image score = mean of the top 1 % of the map
+# a lot with fewer frames borrows the score scale of the last larger lot: its own scale would be
+# its own frames' spread (a lot of one: its own defect sets the unit and vanishes in it); from 3
+# frames on, the median of the frames' spreads is not set by one defective frame
+MIN_SCALE_FRAMES = 3
 
 
 class TorchExtractor:
@@ -191,7 +196,12 @@ class ZeroShotEngine:
         self._lock = threading.Lock()  # guards _lots and _previous (infer vs lot_closed threads)
         self.refiner = None  # linewatch.refine.worker.Refiner when refinement is enabled
         self.last_tier2_model: dict[str, str] | None = None  # model behind the last lot_closed maps
-        self.last_coarse: dict[int, EngineOutput] = {}  # the last lot's coarse maps (when refined)
+        # the last lot's coarse maps when refined, kept only for evaluation (``keep_coarse``)
+        self.keep_coarse = False
+        self.last_coarse: dict[int, EngineOutput] = {}
+        # (scale, offset) of the last lot with at least MIN_SCALE_FRAMES frames: a smaller lot
+        # borrows it (its own would measure its own defect as the norm)
+        self._norm: tuple[float, float] | None = None
         self._tier1_border: zs.BorderStats = {}  # tier-1 edge calibration, from the last closed lot
 
     # ------------------------------------------------------------------------------ features
@@ -326,7 +336,15 @@ class ZeroShotEngine:
         tier1 = [e.tier1 for e in entries if e.tier1 is not None]
         self._tier1_border = zs.border_stats(tier1, self.border_bands) if len(tier1) >= 2 else self._tier1_border
         scores = [zs.apply_border(s, border) for s in scores]
-        scale, offset = grid_scale(scores), lot_median(scores)
+        if len(scores) >= MIN_SCALE_FRAMES:
+            scale, offset = grid_scale(scores), lot_median(scores)
+            if math.isfinite(scale) and math.isfinite(offset):
+                self._norm = (scale, offset)
+        elif self._norm is not None:
+            scale, offset = self._norm
+        else:
+            raise Tier2Unavailable(f"lot {lot_id!r} has {len(scores)} frame(s), too few to set its score scale "
+                                   f"(< {MIN_SCALE_FRAMES}), and no earlier lot lends one; tier 1 stands")
         z = [normalise_grid(s, scale, offset) for s in scores]
         coarse = {e.frame_id: self._output(g, e.frame_hw) for e, g in zip(entries, z)}
         with self._lock:
@@ -356,13 +374,19 @@ class ZeroShotEngine:
         refiner = self.refiner
         ard = refiner.current()  # trained on an earlier lot (None before the first round)
         logits = refiner.refine([e.image for e in entries], [e.feat for e in entries], z, ard)
+        if not all(np.isfinite(m).all() for m in logits):
+            # a broken decoder must not turn the lot's maps into NaN (no regions: a silent OK)
+            logger.error("ARD %s gave non-finite maps for lot %s: its coarse maps are published",
+                         ard.version if ard is not None else "(none)", lot_id)
+            self.last_tier2_model = {"name": self.name, "version": self.version}
+            return coarse
         out = {}
         for e, m in zip(entries, logits):
             smap = refiner.to_frame(m, e.frame_hw[0], e.frame_hw[1])
             # the ARD refines localisation; the frame's score stays the coarse one (the refined
             # maps' top-1 % mean ranked frames worse: Kolektor image-AUROC 0.77 vs 0.85 coarse)
             out[e.frame_id] = EngineOutput(score_map=smap, image_score=coarse[e.frame_id].image_score)
-        self.last_coarse = coarse
+        self.last_coarse = coarse if self.keep_coarse else {}
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],

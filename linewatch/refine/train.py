@@ -30,7 +30,7 @@ class TrainReport:
     seconds: float
     loss_first: float
     loss_last: float
-    stopped_by: str  # "steps" | "time" | "stop"
+    stopped_by: str  # "steps" | "time" | "stop" | "nonfinite" (a NaN / inf loss: the round is void)
 
 
 def _crop(sample: Sample, crop_px: int, rng: np.random.Generator, on_anomaly: bool):
@@ -99,7 +99,8 @@ def train_ard(ard: ARD, samples: Sequence[Sample], steps: int, time_budget_s: fl
               batch_size: int = 8, crop_px: int = 128, lr: float = 2e-3, cpu_share: float = 1.0,
               should_stop: Callable[[], bool] = lambda: False, loss_kind: str = "rank") -> TrainReport:
     """Train ``ard`` in place on crops of ``samples`` for ``steps`` steps or ``time_budget_s``
-    seconds, whichever ends first. ``cpu_share`` < 1 sleeps after each step so that training
+    seconds, whichever ends first (or at the first non-finite loss: ``stopped_by`` "nonfinite",
+    and the caller must not use the ARD). ``cpu_share`` < 1 sleeps after each step so that training
     takes about that share of one core's time (the daemon's tier 1 keeps the rest). ``loss_kind``:
     "rank" (``_rank_loss``; a batch without anomaly pixels is skipped but counts as a step) or
     "focal_dice" (``_loss``, which does not honour the samples' ``ignore`` pixels)."""
@@ -138,6 +139,10 @@ def train_ard(ard: ARD, samples: Sequence[Sample], steps: int, time_budget_s: fl
                 continue
         else:
             loss = _loss(scores + ard.beta, target)
+        if not torch.isfinite(loss):  # non-finite inputs or a diverged step: never step on it
+            why = "nonfinite"
+            last = float(loss.detach())
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -203,6 +204,11 @@ class Refiner:
             normals = list(self.selector(job.lot_id, job.image_scores, cfg.pseudo_normal_fraction))
         else:
             normals = select_pseudo_normals(job.image_scores, cfg.pseudo_normal_fraction, cfg.min_pseudo_normals)
+        if not (all(bool(torch.isfinite(g).all()) for g in job.z) and np.isfinite(job.image_scores).all()
+                and math.isfinite(job.scale) and job.scale > 0):
+            self.failed += 1
+            logger.error("PGT: lot %s has non-finite coarse scores; not trained on", job.lot_id)
+            return
         if len(normals) < cfg.min_pseudo_normals:
             logger.info("PGT: lot %s has %d pseudo-normal frames (< %d); not trained on", job.lot_id,
                         len(normals), cfg.min_pseudo_normals)
@@ -222,6 +228,13 @@ class Refiner:
         report = train_ard(ard, samples, cfg.steps, budget, self._rng, batch_size=cfg.batch_size,
                            crop_px=cfg.crop_px, lr=cfg.lr, cpu_share=cfg.cpu_share,
                            should_stop=lambda: self._stop, loss_kind=cfg.loss)
+        if report.stopped_by == "stop":  # shutting down or swapped: nothing is released or recorded
+            return
+        if report.stopped_by == "nonfinite" or not all(bool(torch.isfinite(p).all()) for p in ard.parameters()):
+            self.failed += 1
+            logger.error("PGT on lot %s diverged (non-finite loss or weights); %s stays in use", job.lot_id,
+                         prev.version if prev is not None else "the coarse map")
+            return
         if report.steps == 0:
             logger.info("PGT: no training step fitted the budget for lot %s", job.lot_id)
             return

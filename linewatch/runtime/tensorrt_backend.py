@@ -24,6 +24,7 @@ pushed, so it can be used from the inspector's thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -303,6 +304,9 @@ class TrtRunner:
             logger.warning("this pycuda has no stream capture: CUDA graphs off")
         self._graphs: dict[int, object] = {}
         self._shape_batch = -1
+        # one context, stream and set of buffers: tier 1 (inspector thread) and PGT's feature
+        # extraction (refine worker) must not interleave on them
+        self._run_lock = threading.Lock()
 
     def _set_batch(self, n: int) -> None:
         if n == self._shape_batch:
@@ -343,10 +347,11 @@ class TrtRunner:
         graph.launch(self.stream)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run on named host arrays (any batch; split by the profile's max); outputs in order."""
+        """Run on named host arrays (any batch; split by the profile's max); outputs in order.
+        Thread-safe: concurrent calls run one after the other."""
         total = int(next(iter(inputs.values())).shape[0])
         parts: list[list[np.ndarray]] = [[] for _ in self.outputs]
-        with _Pushed(self.ctx):
+        with self._run_lock, _Pushed(self.ctx):
             for s in range(0, total, self.max_batch):
                 n = min(self.max_batch, total - s)
                 self._set_batch(n)

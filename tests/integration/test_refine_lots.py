@@ -60,6 +60,7 @@ def _feed(engine, images, lot_id, first_id, ledger=None):
 def test_lot_k_trains_the_ard_that_refines_lot_k_plus_1(engine, lots):
     recorded = []
     engine.enable_refinement(RefineConfig(**SMALL), on_model=lambda *a: recorded.append(a))
+    engine.keep_coarse = True
     _feed(engine, lots[0], "lot0", 0)
     out0 = engine.lot_closed("lot0")
     assert sorted(out0) == [0, 1, 2, 3]

@@ -41,6 +41,9 @@ class RecordingEngine:
             return [EngineOutput(o.score_map, float("nan")) for o in outs]
         if self.mode == "shape":
             return [EngineOutput(np.zeros((2, 2), np.float32), o.image_score) for o in outs]
+        if self.mode == "nan_map":  # a finite score over a map with a NaN: no region, a silent OK
+            outs[0].score_map[0, 0] = np.nan
+            return outs
         return outs
 
     def lot_closed(self, lot_id):
@@ -98,6 +101,35 @@ def test_missing_output_nan_score_and_wrong_map_shape_are_faults():
         results, _ = run_frames(RecordingEngine(mode), [10, 20])
         assert verdicts(results) == [Verdict.FAULT] * 2, mode
         assert all(why in r.reason for r in results), (mode, [r.reason for r in results])
+    results, _ = run_frames(RecordingEngine("nan_map"), [150, 20])
+    first, second = sorted(results, key=lambda r: r.frame.frame_id)
+    assert first.verdict is Verdict.FAULT and first.reason == "engine returned a non-finite score map"
+    assert second.verdict is Verdict.OK
+
+
+def test_a_lot_tier_2_cannot_judge_is_published_not_inspected_and_a_failure_fault():
+    from linewatch.engines.base import Tier2Unavailable
+    from linewatch.inspector import LotCloser, LotLedger
+
+    class LotEngine(RecordingEngine):
+        def lot_closed(self, lot_id):
+            if lot_id == "small":
+                raise Tier2Unavailable("lot 'small' has 1 frame(s)")
+            raise RuntimeError("out of memory")
+
+    published = []
+    closer = LotCloser(LotEngine, ThresholdConfig(mode="fixed", value=1.0), LotLedger(),
+                       lambda ev, refined, summary: published.append((ev.lot_id, refined, summary)))
+    closer.start()
+    for lot in ("small", "big"):
+        closer.submit(LotEvent(LotEventKind.CLOSED, lot, "r", "part_count", time.time()))
+    deadline = time.monotonic() + 10
+    while len(published) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closer.stop(5.0)
+    assert [p[0] for p in published] == ["small", "big"] and all(p[1] == [] for p in published)
+    assert published[0][2]["tier2"] == "NOT_INSPECTED: lot 'small' has 1 frame(s)"
+    assert published[1][2]["tier2"] == "FAULT: RuntimeError: out of memory"
 
 
 def test_deadline_overrun_before_and_after_the_engine_is_fault():

@@ -230,3 +230,11 @@ def test_near_defect_is_a_ring_scaled_to_the_frame():
     assert not near[50, 100]
     assert near[45, 95] and near[55, 105] and not near[44, 100] and not near[50, 106]
     assert near.sum() == 11 * 11 - 1
+
+
+def test_non_finite_scores_are_an_error_not_a_rank():
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.auroc([1, 0, 1, 0], [np.nan, np.nan, 0.9, 0.1])
+    acc = metrics.PixelAccumulator(0.0, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        acc.add(np.array([[0.5, np.inf]], np.float32), np.array([[True, False]]))

@@ -200,9 +200,9 @@ def test_unclosed_lots_are_rolled_over():
     eng = _engine()
     lots = [f"lot{k}" for k in range(MAX_OPEN_LOTS + 1)]
     for k, lot in enumerate(lots):
-        eng.infer(_frames(2), _metas(2 * k, 2, lot))
+        eng.infer(_frames(3), _metas(3 * k, 3, lot))
     assert set(eng._lots) == set(lots[1:])
-    assert [e.frame_id for e in eng._previous] == [0, 1]
+    assert [e.frame_id for e in eng._previous] == [0, 1, 2]
     assert eng.lot_closed(lots[1])  # still there for a late lot closer
 
 
@@ -224,3 +224,37 @@ def test_tensorrt_backend_without_tensorrt_names_the_package():
 
     with pytest.raises(EngineUnavailable, match="'tensorrt'"):
         ZeroShotEngine(EngineCfg(backend="tensorrt"))
+
+
+def test_a_small_lot_borrows_the_score_scale_of_the_last_larger_lot():
+    """A lot of one measured in its own units would make its own defect the norm; with no
+    earlier lot to borrow from, tier 2 declines (Tier2Unavailable: NOT_INSPECTED) instead."""
+    from linewatch.engines.base import Tier2Unavailable
+
+    eng = _engine()
+    eng.infer(_frames(1, defect_at=0), _metas(0, 1, "first"))
+    with pytest.raises(Tier2Unavailable, match="too few"):
+        eng.lot_closed("first")
+    eng.infer(_frames(4), _metas(1, 4, "good"))
+    good = eng.lot_closed("good")
+    eng.infer(_frames(1, defect_at=0), _metas(5, 1, "one"))
+    one = eng.lot_closed("one")
+    assert one[5].image_score > 3 * max(o.image_score for o in good.values())
+
+
+def test_non_finite_refined_maps_fall_back_to_the_coarse_maps():
+    from linewatch.config import RefineConfig
+
+    eng = _engine()
+    eng.enable_refinement(RefineConfig(steps=1, samples_per_lot=2, batch_size=1, crop_px=32, width=4))
+    try:
+        eng.refiner.refine = lambda images, feats, z, ard: [np.full(im.shape[:2], np.nan, np.float32) for im in images]
+        eng.refiner.submit = lambda job: None  # no training here
+        eng.infer(_frames(4, defect_at=1), _metas(0, 4, "a"))
+        out = eng.lot_closed("a")
+        assert sorted(out) == [0, 1, 2, 3]
+        assert all(np.isfinite(o.score_map).all() for o in out.values())
+        assert eng.last_tier2_model == {"name": eng.name, "version": eng.version}
+        assert out[1].image_score > max(out[i].image_score for i in (0, 2, 3))
+    finally:
+        eng.close()

@@ -211,3 +211,32 @@ def test_contaminating_selector_puts_the_asked_share_of_defective_frames():
         assert len(picked) == 16 and len(set(picked)) == 16
     share = sel.picked_defective / sel.picked
     assert 0.06 < share < 0.14
+
+
+def test_non_finite_lots_and_diverged_rounds_release_no_ard():
+    """A NaN in a lot must not reach a released decoder: a NaN ARD would turn every later lot's
+    maps into NaN (no region above any threshold: a silent OK)."""
+    class Flaky(FakeExtract):  # an extractor that overflows (fp16 engines can) on its first calls
+        def __call__(self, images):
+            feats = super().__call__(images)
+            return [f * float("nan") for f in feats] if self.calls <= self.bad_calls else feats
+
+    extract = Flaky()
+    extract.bad_calls = 0
+    r = Refiner(_cfg(), 3, extract, 0.3)
+    try:
+        job = _job()
+        job.z[0][0, 0] = float("nan")  # the lot's coarse scores
+        r.submit(job)
+        assert r.wait_idle(60)
+        assert r.failed == 1 and r.current() is None and extract.calls == 0  # not even sampled
+        extract.bad_calls = 1000  # finite coarse scores, NaN features of the training samples
+        r.submit(_job("lot1"))
+        assert r.wait_idle(60)
+        assert extract.calls > 0 and r.failed == 2 and r.current() is None and r.trained == 0
+        extract.bad_calls = 0
+        r.submit(_job("lot2"))  # a sound lot still trains
+        assert r.wait_idle(60)
+        assert r.current() is not None and r.current().trained_on_lot == "lot2"
+    finally:
+        r.close()
