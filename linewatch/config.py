@@ -27,7 +27,8 @@ def restart(description: str, **kw: Any) -> Any:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf / nan anywhere: an infinite timeout reaches Queue.get / Thread.join and kills the thread
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------- daemon
@@ -417,6 +418,16 @@ class Config(Strict):
     def _distinct_endpoints(self) -> "Config":
         if self.publish.endpoint == self.publish.control_endpoint:
             raise ValueError("publish.endpoint and publish.control_endpoint must differ")
+        return self
+
+    @model_validator(mode="after")
+    def _lots_can_close(self) -> "Config":
+        # a lot that never closes never gets tier 2, and its frames are kept without bound
+        if self.lots.policy == "idle" and self.lots.idle_gap_s <= 0:
+            raise ValueError("lots.policy = \"idle\" needs lots.idle_gap_s > 0 (the gap that closes a lot)")
+        if self.lots.policy == "line" and getattr(self.source, "line_value_node", None) is None:
+            raise ValueError("lots.policy = \"line\" needs a genicam source with source.line_value_node "
+                             "(the node whose changes close a lot)")
         return self
 
 

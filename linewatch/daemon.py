@@ -219,6 +219,7 @@ class Daemon:
     # ----------------------------------------------------------------- acquisition
     def _start_acquisition(self) -> None:
         self._acq_stop = threading.Event()
+        self.last_frame_id = None  # a new source numbers its frames afresh: no gap against the old one
         self._acq_thread = threading.Thread(target=self._acquire, args=(self.source, self.ring, self._acq_stop),
                                             name="acquire", daemon=True)
         self.t_acq_heartbeat = time.monotonic()
@@ -290,8 +291,9 @@ class Daemon:
             "drops": dict(ring.drops) if ring else {}, "camera_lost": self.camera_lost,
             "ring_depth": ring.depth() if ring else 0,
             "ring_blocked_s": round(ring.blocked_s, 3) if ring else 0.0,
-            "lot": self.tracker.current.lot_id if getattr(self, "tracker", None) and self.tracker.current else None,
+            "lot": getattr(getattr(getattr(self, "tracker", None), "current", None), "lot_id", None),  # read once
             "publisher_dropped": self.publisher.dropped if hasattr(self, "publisher") else 0,
+            "publisher_failed": self.publisher.failed if hasattr(self, "publisher") else 0,
         }
 
     def status(self) -> dict[str, Any]:

@@ -289,9 +289,31 @@ class LotCloser:
         self.publish_lot(ev, refined, counts)
 
     def stop(self, timeout_s: float) -> bool:
+        """Finish the queued lots within ``timeout_s``; past it, every lot still queued is closed
+        with its tier-1 counts and ``tier2: NOT_INSPECTED: shutdown ...`` (the lot in progress
+        ends on its own). True when all lots got their tier 2."""
+        deadline = time.monotonic() + timeout_s
         try:
             self._q.put(None, timeout=timeout_s)
         except queue.Full:
-            return False
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+            pass
+        else:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if not self._thread.is_alive():
+                return True
+        while True:
+            try:
+                ev = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if ev is None:
+                continue
+            self.skipped += 1
+            _, counts = self.ledger.pop(ev.lot_id)
+            logger.error("shutdown: lot %s closed without tier 2", ev.lot_id)
+            self.publish_lot(ev, [], {**counts, "tier2": "NOT_INSPECTED: shutdown before tier 2 ran"})
+        try:
+            self._q.put_nowait(None)  # the thread ends after the lot in progress
+        except queue.Full:
+            pass
+        return False

@@ -102,6 +102,7 @@ class Publisher:
         self.seq = 0
         self.sent = 0
         self.dropped = 0
+        self.failed = 0  # messages that could not be encoded or sent (logged), not counted as dropped
         self.cpu_s = 0.0  # CPU seconds of the publisher thread spent encoding and sending
         self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
         self._stop = threading.Event()
@@ -116,7 +117,11 @@ class Publisher:
         self._thread.start()
 
     def send(self, kind: str, header: dict[str, Any], payload: np.ndarray | None = None) -> None:
-        """Queue one message (any thread). ``payload`` is encoded as PNG in the publisher thread."""
+        """Queue one message (any thread). ``payload`` is encoded as PNG in the publisher thread.
+        After ``stop`` has ended the thread, a message is counted as dropped (nothing would send it)."""
+        if self._stop.is_set() and not self._thread.is_alive():
+            self.dropped += 1
+            return
         try:
             self._q.put_nowait((kind, header, payload))
         except queue.Full:
@@ -128,8 +133,12 @@ class Publisher:
             now = time.monotonic()
             self.t_heartbeat = now
             if now >= next_hb:
-                self._emit("heartbeat", {"kind": "heartbeat", "line": self.line, **self._status()}, None)
                 next_hb = now + self.heartbeat_s
+                try:
+                    self._emit("heartbeat", {"kind": "heartbeat", "line": self.line, **self._status()}, None)
+                except Exception:  # noqa: BLE001 - one bad heartbeat must not end publishing
+                    self.failed += 1
+                    logger.exception("heartbeat could not be built or sent")
             try:
                 kind, header, payload = self._q.get(timeout=min(0.2, max(0.0, next_hb - now)))
             except queue.Empty:
@@ -137,7 +146,11 @@ class Publisher:
                     break
                 continue
             c0 = time.thread_time()
-            self._emit(kind, header, payload)
+            try:
+                self._emit(kind, header, payload)
+            except Exception:  # noqa: BLE001 - e.g. a map PNG cannot encode: counted, the rest goes on
+                self.failed += 1
+                logger.exception("could not publish a %s message", kind)
             self.cpu_s += time.thread_time() - c0
         self._sock.close(linger=1000)
 

@@ -100,21 +100,30 @@ class FrameRing:
         slot = self._claim(meta)
         if slot is None:
             return None
-        dst = self.pixels[slot]
-        if image.ndim == 2:
-            dst[...] = image[..., None]
-        elif image.shape[2] == dst.shape[2]:
-            dst[...] = image
-        elif image.shape[2] == 1:
-            dst[...] = image  # broadcast mono into all channels
-        else:
-            dst[...] = image.mean(axis=2, keepdims=True).astype(np.uint8)
-        if self.gt is not None:
-            if gt is not None:
-                self.gt[slot] = gt
-                meta.has_gt = True
+        try:
+            dst = self.pixels[slot]
+            if image.ndim == 2:
+                dst[...] = image[..., None]
+            elif image.shape[2] == dst.shape[2]:
+                dst[...] = image
+            elif image.shape[2] == 1:
+                dst[...] = image  # broadcast mono into all channels
             else:
-                meta.has_gt = False
+                dst[...] = image.mean(axis=2, keepdims=True).astype(np.uint8)
+            if self.gt is not None:
+                if gt is not None:
+                    self.gt[slot] = gt
+                    meta.has_gt = True
+                else:
+                    meta.has_gt = False
+        except BaseException:  # e.g. a mask of the wrong shape: the slot goes back, the error up
+            with self._cond:
+                self._gen[slot] += 1
+                self._state[slot] = _State.FREE
+                self.meta[slot] = None
+                self._free.append(slot)
+                self._cond.notify_all()
+            raise
         with self._cond:
             self.meta[slot] = meta
             self._state[slot] = _State.READY

@@ -89,6 +89,13 @@ def _model_id(conn: Connection, model: dict[str, str], cache: ModelCache) -> int
     return found
 
 
+def _key(values) -> tuple:
+    """A result key comparable between what was written and what RETURNING gives back (SQLite
+    returns the capture time naive, in UTC)."""
+    return tuple(v.replace(tzinfo=timezone.utc) if isinstance(v, datetime) and v.tzinfo is None else v
+                 for v in values)
+
+
 def _write_results(conn: Connection, recs: list[dict[str, Any]], cache: ModelCache) -> int:
     rows = []
     for rec in recs:
@@ -101,13 +108,13 @@ def _write_results(conn: Connection, recs: list[dict[str, Any]], cache: ModelCac
         })
     stmt = (_insert(conn, results).on_conflict_do_nothing(index_elements=list(RESULT_KEY))
             .returning(results.c.id, *(results.c[k] for k in RESULT_KEY)))
-    inserted = {tuple(row[1:]): row[0] for row in conn.execute(stmt, rows)}
+    inserted = {_key(row[1:]): row[0] for row in conn.execute(stmt, rows)}
     n_inserted = len(inserted)
     region_rows = []
-    for rec in recs:
-        rid = inserted.pop((rec["line"], rec["camera"], rec["frame_id"], rec["tier"]), None)
+    for rec, row in zip(recs, rows):
+        rid = inserted.pop(_key([row[k] for k in RESULT_KEY]), None)
         if rid is None:
-            continue  # duplicate (replay or a repeated frame id): its regions are already there
+            continue  # duplicate (a replayed row, or a frame sent twice): its regions are already there
         for x0, y0, x1, y1, area, score, label in rec["regions"]:
             region_rows.append({"result_id": rid, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
                                 "area_px": area, "score": score, "label": label})

@@ -2,10 +2,11 @@
 
 Times are UTC timestamps (``DateTime(timezone=True)``: ``timestamptz`` on PostgreSQL; on SQLite
 the naive text form, always written and read as UTC). The unique key of ``results``
-(line, camera, frame_id, tier) makes a replayed row an ignored duplicate, never a second row.
+(line, camera, frame_id, tier, t_capture) makes a replayed row an ignored duplicate, never a
+second row, while the same frame id from a later daemon run (ids start again) is a new row.
 
-The initial Alembic revision (``migrations/versions/0001_initial.py``) creates exactly these
-tables; a test compares the migrated database against this metadata so the two cannot drift.
+The Alembic revisions (``migrations/versions/``) create exactly these tables; a test compares
+the migrated database against this metadata so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ results = Table(
     Column("t_inspected", DateTime(timezone=True), nullable=True),
     Column("t_publish", DateTime(timezone=True), nullable=True),
     Column("model_version_id", Integer, ForeignKey("model_versions.id"), nullable=True),
-    UniqueConstraint("line", "camera", "frame_id", "tier"),
+    UniqueConstraint("line", "camera", "frame_id", "tier", "t_capture"),
     Index(None, "lot_id"),
     Index(None, "verdict"),
     Index(None, "t_capture"),
@@ -92,5 +93,7 @@ regions = Table(
     Index(None, "result_id"),
 )
 
-RESULT_KEY = ("line", "camera", "frame_id", "tier")
-"""The columns that identify one result row; a second insert with the same key is ignored."""
+RESULT_KEY = ("line", "camera", "frame_id", "tier", "t_capture")
+"""The columns that identify one result row; a second insert with the same key is ignored (a
+spooled row replayed). The capture time is part of it because frame ids start again with every
+daemon start (revision 0002)."""

@@ -115,6 +115,26 @@ def test_duplicates_are_ignored_within_and_across_runs(tmp_path: Path, writer_fa
     assert sum(len(r["regions"]) for r in rows) == 5, "a duplicate must not add regions"
 
 
+def test_a_later_run_reusing_frame_ids_is_stored_not_a_duplicate(tmp_path: Path, writer_factory) -> None:
+    """Frame ids start again with every daemon start: the capture time tells the runs apart."""
+    w = writer_factory()
+    w.start()
+    for i in range(3):
+        w.submit_result(_result(i, regions=[Region((0, 0, 1, 1), 1, 0.5)]), T0)
+    w.stop(10)
+    later = writer_factory()
+    later.start()
+    for i in range(3):  # the same ids, captured an hour later, each with a region
+        r = _result(i, regions=[Region((0, 0, 2, 2), 4, 0.7)])
+        r.frame.t_capture += 3600.0
+        later.submit_result(r, T0 + 3600.0)
+    later.stop(10)
+    assert later.duplicate_rows == 0
+    rows = fetch_results(w.cfg.url)
+    assert len(rows) == 6 and all(len(r["regions"]) == 1 for r in rows)
+    assert sorted(r["regions"][0]["area_px"] for r in rows) == [1, 1, 1, 4, 4, 4]  # each row its own
+
+
 def test_register_model_upserts(tmp_path: Path, writer_factory) -> None:
     w = writer_factory()
     w.start()

@@ -101,3 +101,18 @@ def test_missing_or_unknown_kind_names_the_choices(tmp_path):
         cfgmod.load(p)
     assert ei.value.lines == [f"{p}:2: source.kind = 'usb': unknown kind; expected one of "
                               "'synthetic', 'replay', 'genicam'"]
+
+
+def test_infinite_values_and_lots_that_cannot_close_are_rejected(tmp_path):
+    """An inf timeout would reach Queue.get / Thread.join and kill a thread; an idle policy
+    without a gap, or a line policy without a line node, would keep one lot open for ever."""
+    p = write(tmp_path, "[store]\nflush_interval_s = inf\n")
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert ei.value.lines[0].startswith(f"{p}:2: store.flush_interval_s = inf: ")
+    for text, why in (('[lots]\npolicy = "idle"\n', "idle_gap_s > 0"),
+                      ('[lots]\npolicy = "line"\n', "line_value_node")):
+        with pytest.raises(cfgmod.ConfigError) as ei:
+            cfgmod.load(write(tmp_path, text))
+        assert why in "\n".join(ei.value.lines)
+    cfgmod.load(write(tmp_path, '[lots]\npolicy = "idle"\nidle_gap_s = 2.0\n'))

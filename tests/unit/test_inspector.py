@@ -177,3 +177,28 @@ def test_regions_match_the_scipy_reference_on_random_masks():
         ref = sorted(((int(a), float(p)) for a, p in zip(areas, peaks) if a >= 3), key=lambda x: -x[0])
         assert [r.area_px for r in got] == [a for a, _ in ref]
         assert np.allclose(sorted(r.score for r in got), sorted(p for _, p in ref))
+
+
+def test_lots_still_queued_at_shutdown_are_closed_not_inspected():
+    from linewatch.inspector import LotCloser, LotLedger
+
+    class SlowEngine(RecordingEngine):
+        def lot_closed(self, lot_id):
+            time.sleep(0.5)
+            return {}
+
+    published = []
+    closer = LotCloser(SlowEngine, ThresholdConfig(mode="fixed", value=1.0), LotLedger(),
+                       lambda ev, refined, summary: published.append((ev.lot_id, summary)))
+    closer.start()
+    for lot in ("a", "b", "c"):
+        closer.submit(LotEvent(LotEventKind.CLOSED, lot, "r", "part_count", time.time()))
+    time.sleep(0.1)  # "a" is in progress
+    assert not closer.stop(0.2)
+    deadline = time.monotonic() + 5
+    while len(published) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    by_lot = dict(published)
+    assert sorted(by_lot) == ["a", "b", "c"]  # every lot closed once
+    assert "tier2" not in by_lot["a"]  # finished after stop gave up waiting
+    assert by_lot["b"]["tier2"].startswith("NOT_INSPECTED: shutdown") and by_lot["c"] == by_lot["b"]

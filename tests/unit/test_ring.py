@@ -99,3 +99,13 @@ def test_drain_pending_returns_queued_frames_and_events_in_order():
     left = ring.drain_pending()
     assert [getattr(x, "frame_id", "event") for x in left] == [1, "event", 2]
     assert ring.depth() == 0
+
+
+def test_a_put_that_fails_after_claiming_gives_the_slot_back():
+    ring = FrameRing(2, 4, 4, 1, "block", 0.05, with_gt=True)
+    for i in range(2):
+        with pytest.raises(ValueError):
+            ring.put(img(1), meta(i), gt=np.zeros((3, 3), bool))  # a mask of the wrong shape
+    # both slots are free again: two good frames fit, and nothing was queued or dropped
+    assert ring.put(img(2), meta(2)) is not None and ring.put(img(3), meta(3)) is not None
+    assert ring.depth() == 2 and not any(ring.drops.values())

@@ -1,0 +1,44 @@
+"""The publisher thread outlives a message it cannot build or send (real ZeroMQ sockets)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import zmq
+
+from linewatch.publish import Publisher
+
+
+def test_a_bad_heartbeat_or_payload_is_counted_and_publishing_goes_on(tmp_path):
+    calls = []
+
+    def status():
+        calls.append(1)
+        if len(calls) == 1:
+            raise AttributeError("'NoneType' object has no attribute 'lot_id'")  # a lot closing meanwhile
+        return {"ready": True}
+
+    ctx = zmq.Context.instance()
+    pub = Publisher(ctx, f"ipc://{tmp_path}/pub", "l1", 1000, heartbeat_s=0.05, status=status)
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(pub.endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"linewatch.l1.")
+    pub.start()
+    try:
+        time.sleep(0.3)  # the subscription reaches the PUB socket; heartbeats run meanwhile
+        pub.send("frame", {"kind": "frame", "n": 1}, np.zeros((2, 2, 2, 2), np.float32))  # no PNG of 4-D
+        pub.send("frame", {"kind": "frame", "n": 2})
+        got, deadline = [], time.monotonic() + 5
+        while time.monotonic() < deadline and not any(h.get("n") == 2 for h in got):
+            if sub.poll(100):
+                got.append(json.loads(sub.recv_multipart()[1]))
+        assert any(h.get("n") == 2 for h in got), got
+        assert any(h["kind"] == "heartbeat" for h in got)  # heartbeats after the failed one
+        assert pub.failed == 2 and pub.dropped == 0
+    finally:
+        pub.stop(2.0)
+        sub.close(linger=0)
+    pub.send("frame", {"kind": "frame", "n": 3})  # after stop: nothing would send it
+    assert pub.dropped == 1
