@@ -134,8 +134,8 @@ class Inspector:
                 old, self.engine, self._swap = self.engine, self._swap, None
                 self.model = model_info(self.engine)
                 old.close()
-            items = self.ring.take(self.cfg.batch_size, timeout_s=0.2,
-                                   wait_fill_s=self.cfg.batch_wait_ms / 1000.0)
+            ring = self.ring  # a reload may swap self.ring: this batch goes back to the ring it came from
+            items = ring.take(self.cfg.batch_size, timeout_s=0.2, wait_fill_s=self.cfg.batch_wait_ms / 1000.0)
             if not items:
                 if self._stop.is_set():
                     return
@@ -144,28 +144,28 @@ class Inspector:
             if isinstance(items[0], LotEvent):
                 self.on_lot(items[0])
             else:
-                self._inspect([h for h in items if isinstance(h, Handle)])
+                self._inspect([h for h in items if isinstance(h, Handle)], ring)
             self.cpu_s += time.thread_time() - c0
 
     def _fault(self, meta: FrameMeta, reason: str) -> None:
         self.faults += 1
         self.emit(Result(meta, Verdict.FAULT, None, [], self.model, reason=reason, t_inspected=time.time()))
 
-    def _inspect(self, handles: list[Handle]) -> None:
+    def _inspect(self, handles: list[Handle], ring: FrameRing) -> None:
         deadline_s = self.cfg.deadline_ms / 1000.0
         now = time.time()
         batch: list[tuple[Handle, np.ndarray, FrameMeta]] = []
         for h in handles:
             try:
-                img, meta, _gt = self.ring.view(h)
+                img, meta, _gt = ring.view(h)
             except StaleHandle:
                 continue  # reused by drop_oldest: its NOT_INSPECTED went out at the drop
             fault = meta.extra.get("fault")
             if fault:
-                self.ring.release(h)
+                ring.release(h)
                 self._fault(meta, f"source: {fault}")
             elif deadline_s and now - meta.t_capture > deadline_s:
-                self.ring.release(h)
+                ring.release(h)
                 self._fault(meta, f"deadline overrun: waited {1000 * (now - meta.t_capture):.0f} ms "
                                   f"before inspection (deadline {self.cfg.deadline_ms:.0f} ms)")
             else:
@@ -181,7 +181,7 @@ class Inspector:
         except Exception as exc:  # noqa: BLE001 - any engine failure must become FAULT, never OK
             logger.exception("engine %s failed on %d frames", self.model["name"], len(batch))
             for h, _, meta in batch:
-                self.ring.release(h)
+                ring.release(h)
                 self._fault(meta, f"engine error: {type(exc).__name__}: {exc}")
             return
         finally:
@@ -190,7 +190,7 @@ class Inspector:
             self.batches += 1
         t_done = time.time()
         for (h, _, meta), out in zip(batch, outs):
-            self.ring.release(h)
+            ring.release(h)
             if deadline_s and t_done - meta.t_capture > deadline_s:
                 self._fault(meta, f"deadline overrun: inspected {1000 * (t_done - meta.t_capture):.0f} ms "
                                   f"after capture (deadline {self.cfg.deadline_ms:.0f} ms)")

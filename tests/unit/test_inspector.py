@@ -202,3 +202,26 @@ def test_lots_still_queued_at_shutdown_are_closed_not_inspected():
     assert sorted(by_lot) == ["a", "b", "c"]  # every lot closed once
     assert "tier2" not in by_lot["a"]  # finished after stop gave up waiting
     assert by_lot["b"]["tier2"].startswith("NOT_INSPECTED: shutdown") and by_lot["c"] == by_lot["b"]
+
+
+def test_a_ring_swapped_during_a_batch_takes_no_stale_release():
+    """A reload gives the inspector a new ring while it holds a batch of the old one: the batch
+    goes back to its own ring, and the inspector carries on with the new one."""
+    old = FrameRing(4, H, W, 1, "block", 1.0)
+    results = []
+    ins = Inspector(old, RecordingEngine(delay_s=0.3), InspectConfig(batch_size=4, batch_wait_ms=10),
+                    ThresholdConfig(mode="fixed", value=100.0, min_region_px=0), results.append, lambda ev: None)
+    for i in range(2):
+        old.put(np.full((H, W, 1), 10, np.uint8), FrameMeta(i, time.time(), "c", H, W, lot_id="L"))
+    ins.start()
+    time.sleep(0.1)  # the batch is in the engine
+    new = FrameRing(4, H, W, 1, "block", 1.0)
+    ins.ring = new
+    for i in range(2, 4):
+        new.put(np.full((H, W, 1), 150, np.uint8), FrameMeta(i, time.time(), "c", H, W, lot_id="L"))
+    deadline = time.monotonic() + 5
+    while len(results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ins.stop(5.0)
+    assert verdicts(results) == [Verdict.OK, Verdict.OK, Verdict.NG, Verdict.NG]
+    assert new.depth() == 0 and len(new._free) == 4 and len(old._free) == 4  # every slot back home
