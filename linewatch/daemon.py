@@ -131,6 +131,7 @@ class Daemon:
         self.dispatch = Dispatcher(self)
         self.camera_lost = 0
         self.last_frame_id: int | None = None
+        self.exit_code = 0  # 1 when the daemon stops because it cannot go on (systemd restarts it)
         self.reloads = {"ok": 0, "failed": 0}
         self.last_reload_error = ""
         self.acq_cpu_s = 0.0  # CPU seconds of the acquire thread between frames (source excluded)
@@ -242,6 +243,12 @@ class Daemon:
         except (SourceError, OSError) as exc:
             logger.error("source stopped: %s", exc)
             self.telemetry.source_connected.set(0)
+        except Exception:  # noqa: BLE001 - a bug here must not leave a daemon that serves no frames
+            logger.exception("acquisition failed: stopping with exit code 1 so that systemd restarts the daemon")
+            self.telemetry.source_connected.set(0)
+            self.exit_code = 1
+            self._wake("stop")
+            return
         if not stop.is_set():
             logger.info("source ended")
             self._source_ended.set()
@@ -410,9 +417,17 @@ class Daemon:
         self._stop_acquisition()
         try:
             src = self._open_source(new)
-        except StartupError:
+        except StartupError as exc:
             logger.error("new source failed to open; reopening the previous one")
-            self.source = self._open_source(self.cfg)
+            try:
+                self.source = self._open_source(self.cfg)
+            except StartupError as again:
+                # no source at all: running on would only ping the watchdog over an idle line
+                self.exit_code = 1
+                logger.error("reload left no source (new: %s; previous: %s): stopping with exit code 1 "
+                             "so that systemd restarts the daemon", exc, again)
+                self._wake("stop")
+                raise
             self._start_acquisition()
             raise
         self.source = src
@@ -459,7 +474,7 @@ class Daemon:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self.stopped.set()
-        return 0
+        return self.exit_code
 
     def _serve(self) -> None:
         wd = watchdog_period_s()

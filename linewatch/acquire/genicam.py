@@ -531,17 +531,22 @@ class GenicamCamera:
         try:
             comp = buffer.payload.components[0]
             fmt = comp.data_format
-            rgb = convert_pixels(comp.data, fmt, int(comp.height), int(comp.width))
+            h, w = int(comp.height), int(comp.width)
+            if h <= 0 or w <= 0:
+                raise ValueError(f"empty {w}x{h} image")
+            rgb = convert_pixels(comp.data, fmt, h, w)
+            img = fit_channels(rgb, self.channels)
+            if img.shape[:2] != (self.height, self.width):
+                if self._resizer is None or self._resizer.src_shape != img.shape[:2]:
+                    self._resizer = Resizer(img.shape[:2], (self.height, self.width))
+                img = self._resizer(img)
+            elif not img.flags.owndata:
+                img = img.copy()  # the buffer goes back to the producer before the frame is used
         except (IndexError, ValueError, KeyError, GenTLError, GenApiError) as exc:
+            # one bad buffer is a FAULT frame, not a lost camera (these errors would otherwise
+            # reach frames() as camera loss and tear the camera down)
             blank = np.zeros((self.height, self.width, self.channels), np.uint8)
             return blank, f"undecodable: {exc}"
-        img = fit_channels(rgb, self.channels)
-        if img.shape[:2] != (self.height, self.width):
-            if self._resizer is None or self._resizer.src_shape != img.shape[:2]:
-                self._resizer = Resizer(img.shape[:2], (self.height, self.width))
-            img = self._resizer(img)
-        elif not img.flags.owndata:
-            img = img.copy()  # the buffer goes back to the producer before the frame is used
         return img, ""
 
     # ----------------------------------------------------------------------------- recovery

@@ -89,3 +89,23 @@ def test_corrupt_image_in_replay_is_a_fault_answer_and_the_rest_is_inspected(tmp
     assert [h["frame_id"] for h in faults] == [3]
     db = {r["frame_id"]: r for r in run.db_frames()}
     assert db[3]["verdict"] == "FAULT"
+
+
+def test_acquisition_that_crashes_stops_the_daemon_with_exit_code_1(tmp_path, monkeypatch):
+    """A bug in the acquisition thread must not leave a daemon that pings the watchdog over a
+    line it no longer watches: it stops, exit code 1, so that systemd restarts it."""
+    from linewatch.daemon import Daemon
+
+    real = Daemon._fill_gap
+
+    def flaky(self, meta):
+        if meta.frame_id == 5:
+            raise RuntimeError("a bug in the acquisition path")
+        real(self, meta)
+
+    monkeypatch.setattr(Daemon, "_fill_gap", flaky)
+    cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 100000, "fps": 50},
+                 engine={"kind": "zeroshot", "threads": 1, "input_size": 64})
+    run = run_daemon(cfg, timeout_s=120, exit_at_source_end=False)
+    assert run.error is None and run.rc == 1
+    assert {h["frame_id"] for h in run.frames()} <= set(range(5))

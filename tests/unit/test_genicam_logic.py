@@ -93,3 +93,22 @@ def test_frame_ids_keep_device_gaps_and_never_go_back():
 def test_frame_ids_without_a_device_counter_are_counted_locally():
     seq = FrameIdSequencer()
     assert [seq.next(None) for _ in range(3)] == [0, 1, 2]
+
+
+def test_an_empty_or_odd_buffer_is_a_fault_frame_not_a_lost_camera():
+    """Errors from decoding one buffer stay inside it: a blank frame with a reason (FAULT),
+    never an exception that frames() would take for camera loss."""
+    from types import SimpleNamespace
+
+    from linewatch.acquire.genicam import GenicamCamera
+
+    cam = SimpleNamespace(height=4, width=6, channels=1, _resizer=None)
+
+    def buffer(h, w, data):
+        return SimpleNamespace(payload=SimpleNamespace(components=[
+            SimpleNamespace(data_format="Mono8", height=h, width=w, data=data)]))
+
+    img, fault = GenicamCamera._pixels(cam, buffer(0, 0, np.zeros(0, np.uint8)))
+    assert img.shape == (4, 6, 1) and not img.any() and fault == "undecodable: empty 0x0 image"
+    img, fault = GenicamCamera._pixels(cam, buffer(2, 3, np.full(6, 7, np.uint8)))  # resized up
+    assert fault == "" and img.shape == (4, 6, 1) and (img == 7).all()
