@@ -224,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if getattr(args, "plugin", None):
         _setup_logging()
-        return importlib.import_module(args.plugin).run(args)
+        from .refer.data import ReferDataError
+
+        try:
+            return importlib.import_module(args.plugin).run(args)
+        except (ReferDataError, FileNotFoundError, ValueError) as exc:  # bad input: one line, no traceback
+            print(f"linewatch {args.cmd}: {exc}", file=sys.stderr)
+            return 1
     return args.fn(args)
 
 

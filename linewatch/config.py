@@ -189,8 +189,9 @@ class PromptConfig(Strict):
         "Candidate regions smaller than this share of the image are dropped.", default=0.0005,
         ge=0, le=1)
     max_region_fraction: float = restart(
-        "Candidate regions larger than this share of the image are dropped (a mask that floods "
-        "the frame is a misfire, not a defect).", default=0.5, gt=0, le=1)
+        "Candidate regions larger than this share of the image are not scored as defects (a mask "
+        "that floods the frame is a misfire), but the frame is NG with an 'oversized' region, never "
+        "OK (a covered lens or glare must not pass).", default=0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _templates_known(self) -> "PromptConfig":

@@ -358,8 +358,8 @@ class Daemon:
                 raise ConfigError("<none>", ["the daemon was started without a config file; nothing to reload"])
             new = cfgmod.load(self.config_path)
         except ConfigError as exc:
+            self.last_reload_error = " | ".join(exc.lines)  # before the count: status readers poll the count
             self.reloads["failed"] += 1
-            self.last_reload_error = " | ".join(exc.lines)
             for line in exc.lines:
                 logger.error("reload refused: %s", line)
             self.notifier.ready(status="reload refused; running on the previous config")
@@ -377,8 +377,8 @@ class Daemon:
                                           {"config": new.engine.model_dump(mode="json")})
                 restarted.append("engine")
         except StartupError as exc:
-            self.reloads["failed"] += 1
             self.last_reload_error = str(exc)
+            self.reloads["failed"] += 1
             logger.error("reload failed while restarting a stage: %s", exc)
             self.notifier.ready(status="reload failed")
             return {"errors": [str(exc)]}

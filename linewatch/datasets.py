@@ -151,13 +151,17 @@ def load_image(path: Path, channels: int = 3) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[..., None]
 
 
-def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
-    """Ground-truth mask as bool HxW (all False when ``path`` is None)."""
+def load_mask(path: Path | None, shape: tuple[int, int], resize: bool = False) -> np.ndarray:
+    """Ground-truth mask as bool HxW (all False when ``path`` is None). A mask of another size
+    than its image is an error (a transposed mask or another image's would give plausible but
+    misaligned ground truth) unless ``resize`` (nearest), for an image that was itself resized."""
     if path is None:
         return np.zeros(shape, dtype=bool)
     with Image.open(path) as im:
         m = np.asarray(im.convert("L")) > 127
-    if m.shape != shape:
+    if m.shape != tuple(shape):
+        if not resize:
+            raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, its image {shape[1]}x{shape[0]}")
         m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((shape[1], shape[0]),
                                                                          Image.NEAREST)) > 127
     return m

@@ -89,6 +89,7 @@ class ReplayFolder:
         except ValueError as exc:
             reason = str(exc).removeprefix(f"cannot decode image {sample.image}: ")
             return np.zeros((h, w, self.channels), np.uint8), None, f"corrupt image: {sample.image}: {reason}"
+        img0_hw = img.shape[:2]
         if img.shape[:2] != (h, w):
             mode = "RGB" if self.channels == 3 else "L"
             pil = Image.fromarray(img if self.channels == 3 else img[..., 0], mode)
@@ -97,8 +98,10 @@ class ReplayFolder:
         if not sample.has_gt:
             return img, None, ""
         try:
-            gt = load_mask(sample.mask, (h, w))
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            gt = load_mask(sample.mask, img0_hw, resize=False)
+            if gt.shape != (h, w):  # the frame was resized to the ring: so is its mask
+                gt = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             return img, None, f"corrupt mask: {sample.mask}: {exc}"
         return img, gt, ""
 

@@ -23,6 +23,7 @@ import torch
 from ..config import DQFormerEngine as DQFormerEngineConfig
 from ..config import PromptConfig
 from ..frames import EngineOutput, FrameMeta
+from ..models.backbone import resize_uint8
 from ..prompts import compose, measure_tags, score_regions
 from . import EngineUnavailable
 
@@ -82,7 +83,12 @@ class DQFormerEngine:
     def sentences(self, image: np.ndarray, recipe: str) -> list[str]:
         """The image-aware sentences composed for ``image`` under ``recipe``."""
         pc = self._prompt_config(recipe)
-        tags = measure_tags(image) if pc.image_tags else None
+        tags = None
+        if pc.image_tags:
+            # measured as in training and evaluation: on the image at the model's input size
+            # (texture and orientation depend on the scale they are measured at)
+            hw = getattr(getattr(getattr(self.segmenter, "model", None), "config", None), "image_hw", None)
+            tags = measure_tags(resize_uint8(image, *hw) if hw else image)
         return compose(pc.templates, pc.defects, pc.product, pc.material, tags)
 
     def warmup(self, height: int, width: int, channels: int) -> None:
@@ -108,8 +114,16 @@ class DQFormerEngine:
             pc = self._prompt_config(meta.recipe)
             label = pc.defects[0] if len(pc.defects) == 1 else "anomaly"
             rs = score_regions(mask, prob, pc.min_region_fraction, pc.max_region_fraction, label)
-            out.append(EngineOutput(score_map=prob, image_score=rs.score, mask=rs.mask,
-                                    regions=rs.regions))
+            regions, kept, score = rs.regions, rs.mask, rs.score
+            if pc.max_region_fraction < 1.0 and mask.mean() > pc.max_region_fraction:
+                # a region larger than max_region_fraction is not a plausible defect, but neither is
+                # the frame fine (a covered lens, glare, the wrong product, a huge defect): dropping
+                # it would publish OK; it stays, labelled, and the frame is NG
+                big = score_regions(mask, prob, np.nextafter(pc.max_region_fraction, 2.0), 1.0,
+                                    f"oversized {label}")
+                if big.regions:
+                    regions, kept, score = regions + big.regions, kept | big.mask, max(score, big.score)
+            out.append(EngineOutput(score_map=prob, image_score=score, mask=kept, regions=regions))
         return out
 
     def lot_closed(self, lot_id: str) -> dict[int, EngineOutput]:

@@ -35,6 +35,17 @@ class ClipWeightsError(FileNotFoundError):
     """The CLIP weights folder is missing or incomplete; the message names the path and the file."""
 
 
+def _digest(path: Path) -> str:
+    """Short content digest of a weights file (the version changes when the weights do)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
 def check_weights_dir(path: Path | str) -> Path:
     """Return ``path`` if it looks like a local CLIP folder, else raise ClipWeightsError."""
     p = Path(path)
@@ -76,14 +87,21 @@ class ClipScorer:
         except ImportError as exc:
             raise ImportError("the clip engine needs the package 'transformers' "
                               "(pip install 'linewatch[clip]')") from exc
-        model = CLIPModel.from_pretrained(str(p), local_files_only=True)
+        model, info = CLIPModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True)
+        # transformers only logs weights it did not find and initialises them at random: a
+        # half-loaded model would pass for the real one
+        gaps = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if gaps:
+            detail = "; ".join(f"{k}: {len(v)} (e.g. {list(v)[0]})" for k, v in gaps.items())
+            raise ClipWeightsError(f"CLIP weights folder {p} does not hold the whole model ({detail})")
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         mean, std = CLIP_MEAN, CLIP_STD
         pre = p / "preprocessor_config.json"
         if pre.is_file():
             d = json.loads(pre.read_text(encoding="utf-8"))
             mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
-        return cls(model, tokenizer, device, mean, std, version=f"clip-{p.name}")
+        weights = next(p / f for f in WEIGHT_FILES if (p / f).is_file())
+        return cls(model, tokenizer, device, mean, std, version=f"clip-{p.name}-{_digest(weights)}")
 
     @torch.no_grad()
     def encode_text(self, sentences: list[str]) -> torch.Tensor:

@@ -104,9 +104,18 @@ def build_magnetic_tile(root: Path | str, seed: int = 0, test_fraction: float = 
     unknown = set(by_kind) - set(kinds) - {"good"}
     if unknown:
         raise ReferDataError(f"{root}: kinds without sentences: {sorted(unknown)}")
+    empty: list[str] = []
     for kind in sorted(k for k in by_kind if k != "good"):
         for s, split in _split(by_kind[kind], test_fraction, rng):
+            if s.mask is None:
+                raise ReferDataError(f"{s.image}: a {kind} image without its ground-truth mask")
             mask = load_mask(s.mask, load_image(s.image, channels=1).shape[:2])
+            if not mask.any():
+                # a defect sentence with an empty target would teach "this kind -> nothing", and
+                # a right detection would score as a false positive; skipped after the split is
+                # drawn, so every other image keeps its split
+                empty.append(f"{split}:{Path(s.image).name}")
+                continue
             sents = kinds[kind] + spatial_sentences(MAGNETIC_TILE_PHRASES[kind][0], "tile", mask)
             out.append({"image": str(s.image), "mask": str(s.mask) if s.mask else None,
                         "sentences": sents, "kind": kind, "split": split})
@@ -115,6 +124,9 @@ def build_magnetic_tile(root: Path | str, seed: int = 0, test_fraction: float = 
     for s, split in _split(free[:n_free], test_fraction, rng):
         out.append({"image": str(s.image), "mask": None, "sentences": list(UNIVERSAL_PROMPTS),
                     "kind": "good", "split": split})
+    if empty:
+        logger.warning("magnetic_tile: %d defective image(s) with an empty mask left out: %s", len(empty),
+                       ", ".join(empty))
     return _doc("magnetic_tile", seed, kinds, out)
 
 

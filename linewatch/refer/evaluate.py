@@ -142,7 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="referring JSON file, or a data set name under ../shared/data")
     parser.add_argument("--split", default="test", choices=rdata.SPLITS)
-    parser.add_argument("--seed", type=int, default=0, help="split seed when --data is a name")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="split seed when --data is a name (default: the seed the checkpoint was "
+                             "trained with, so that its test split holds no training image)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the metrics here")
@@ -158,10 +160,21 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint and print the metrics as JSON; returns the exit code."""
     from ..models.dqformer import load_checkpoint
 
-    model, _ = load_checkpoint(args.ckpt)
+    model, blob = load_checkpoint(args.ckpt)
     model.to(args.device)
-    doc = rdata.load(args.data, seed=args.seed)
+    # the split the checkpoint was trained on (older checkpoints: the training seed, which the
+    # training command also uses for the split)
+    trained_seed = int(blob.get("split_seed") if blob.get("split_seed") is not None else blob.get("seed", 0))
+    seed = trained_seed if args.seed is None else args.seed
+    doc = rdata.load(args.data, seed=seed)
+    from_name = str(args.data) in rdata.BUILDERS and not Path(args.data).exists()
+    if from_name and seed != trained_seed and doc.get("name", "") == blob.get("data_name", ""):
+        print(f"linewatch: {args.ckpt} was trained on the {doc.get('name')} split of seed {trained_seed}; "
+              f"the split of seed {seed} would test it on images it was trained on", file=sys.stderr)
+        return 2
     items = rdata.load_items(doc, args.split, model.config.image_hw)
+    if not items:
+        raise rdata.ReferDataError(f"the {args.split} split of {args.data} is empty: nothing to evaluate")
     text = TextEncoder(max_tokens=model.config.max_tokens)
     metrics = evaluate(model, text, items, doc["kind_sentences"], args.device, batch_size=args.batch_size)
     if getattr(args, "iap_template", None):

@@ -102,10 +102,14 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "last.pt"
 
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs} (an untrained checkpoint would load as a model)")
+    if resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume at {ckpt_path}")
     model = DQFormer(config).to(dev)
     start_epoch, history = 0, []
     blob = None
-    if resume and ckpt_path.exists():
+    if resume:
         blob = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
         model.load_state_dict(blob["state_dict"])
         start_epoch = int(blob.get("epoch", 0))
@@ -201,15 +205,19 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
         logger.info("epoch %d: loss %.4f (%.0f s)", epoch + 1, rec["loss"], rec["elapsed_s"])
         save_checkpoint(ckpt_path, model, TEXT_MODEL_NAME, {"history": history}, epoch=epoch + 1,
                         history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        data_name=doc.get("name", ""), seed=seed)
+                        data_name=doc.get("name", ""), seed=seed, split_seed=doc.get("seed"))
         if max_steps and step >= max_steps:
             break
-    final = evaluate(model, text, test_items, kinds, dev) if test_items else {}
+    if test_items:
+        final = evaluate(model, text, test_items, kinds, dev)
+    else:
+        logger.warning("the data document has no test split: the checkpoint is not evaluated")
+        final = {"test_samples": 0}
     final["train_time_s"] = time.monotonic() - t0
     save_checkpoint(ckpt_path, model, TEXT_MODEL_NAME, {"history": history, "final": final},
                     epoch=history[-1]["epoch"] if history else 0, history=history,
                     optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                    data_name=doc.get("name", ""), seed=seed)
+                    data_name=doc.get("name", ""), seed=seed, split_seed=doc.get("seed"))
     (out_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final}, indent=1),
                                           encoding="utf-8")
     return {"losses": losses, "eval": final, "history": history}

@@ -190,3 +190,16 @@ def test_iap_evaluation_and_sentence_figure(tiny_ckpt, tmp_path):
     fig = sentence_figure(model, text, items, doc["kind_sentences"], tmp_path / "fig.png")
     w, h = Image.open(fig).size
     assert w == 4 * 192 and h >= 2 * 192
+
+
+def test_eval_refuses_a_split_that_would_test_on_training_images(tiny_ckpt, capsys):
+    """The checkpoint knows the split it was trained on; evaluating another split of the same
+    data set would put training images in the test split."""
+    import argparse
+
+    from linewatch.refer import evaluate as rev
+
+    args = argparse.Namespace(ckpt=tiny_ckpt, data="magnetic_tile", split="test", seed=3, device="cpu",
+                              batch_size=4, json_out=None, iap_template=None, figure=None)
+    assert rev.run(args) == 2
+    assert "split of seed 0" in capsys.readouterr().err

@@ -72,3 +72,21 @@ def test_missing_weights_path_is_refused_clearly(tmp_path):
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(EngineUnavailable, match="has none of"):
         create_engine(ClipCfg(weights=tmp_path / "half"))
+
+
+def test_a_folder_missing_part_of_the_weights_is_refused_not_randomly_filled(clip_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from linewatch.models.clip import ClipScorer, ClipWeightsError
+
+    path, state = clip_dir
+    half = tmp_path / "half"
+    shutil.copytree(path, half)
+    save_file({k: v for k, v in state.items() if not k.startswith("text_model.")}, str(half / "model.safetensors"))
+    with pytest.raises(ClipWeightsError, match="does not hold the whole model.*missing_keys"):
+        ClipScorer.from_folder(half)
+    with pytest.raises(EngineUnavailable, match="does not hold the whole model"):
+        create_engine(ClipCfg(weights=half))
+    assert ClipScorer.from_folder(path).version.startswith(f"clip-{path.name}-")  # names its weights

@@ -71,7 +71,7 @@ def test_prompts_come_from_recipe_and_image_and_mask_is_final():
 
 
 def test_image_tags_can_be_switched_off():
-    eng = DQFormerEngine(_cfg(prompts={"image_tags": False, "templates": ["{defect} on the {texture} {product}"]}),
+    eng = DQFormerEngine(_cfg(prompts={"image_tags": False, "templates": ["{defect} on the {brightness} {product}"]}),
                          segmenter=FakeSegmenter())
     assert eng.sentences(np.zeros((16, 16, 3), np.uint8), "x") == ["any defect on the part"]
 
@@ -125,3 +125,39 @@ def test_every_registered_engine_has_a_config_model_and_back():
     assert kinds == set(ENGINES)
     for kind in ENGINES:
         assert Config.model_validate({"engine": {"kind": kind}}).engine.kind == kind
+
+
+def test_a_flooded_frame_is_ng_with_its_oversized_region_never_ok():
+    """A mask over most of the frame (a covered lens, glare, a huge defect) is not a plausible
+    defect, but dropping it would publish OK."""
+    class Flood(FakeSegmenter):
+        def predict_batch(self, images, sentences):
+            h, w = images[0].shape[:2]
+            prob = np.full((h, w), 0.9, np.float32)
+            prob[:, : w // 4] = 0.1  # 75 % of the frame marked
+            return [Prediction(prob > 0.5, prob) for _ in images]
+
+    eng = DQFormerEngine(_cfg(prompts={"defects": ["a crack"], "max_region_fraction": 0.5}), segmenter=Flood())
+    (out,) = eng.infer([np.zeros((40, 40, 1), np.uint8)], [_meta(40, 40)])
+    assert [r.label for r in out.regions] == ["oversized a crack"] and out.regions[0].area_px == 40 * 30
+    assert out.image_score == pytest.approx(0.9) and out.mask.sum() == 40 * 30
+    r = decide(out, _meta(40, 40), Threshold(ThresholdConfig()), 16, {"name": "dqformer", "version": "x"})
+    assert r.verdict is Verdict.NG
+
+
+def test_image_tags_are_measured_at_the_models_input_size_as_in_training():
+    from types import SimpleNamespace
+
+    from linewatch.models.backbone import resize_uint8
+    from linewatch.prompts import measure_tags
+
+    seg = FakeSegmenter()
+    seg.model = SimpleNamespace(config=SimpleNamespace(image_hw=(32, 32)))
+    eng = DQFormerEngine(_cfg(prompts={"defects": ["a crack"], "templates": ["{defect} on the {brightness} {product}"]}),
+                         segmenter=seg)
+    stripes = np.zeros((256, 256, 1), np.uint8)
+    stripes[::2] = 255  # 1-px stripes: read differently at full size and at 32 x 32
+    small, full = measure_tags(resize_uint8(stripes, 32, 32)), measure_tags(stripes)
+    assert small.brightness != full.brightness
+    (sentence,) = eng.sentences(stripes, "default")
+    assert f" {small.brightness} " in sentence
