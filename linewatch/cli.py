@@ -224,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if getattr(args, "plugin", None):
         _setup_logging()
+        from .config import ConfigError
         from .refer.data import ReferDataError
 
         try:
             return importlib.import_module(args.plugin).run(args)
-        except (ReferDataError, FileNotFoundError, ValueError) as exc:  # bad input: one line, no traceback
+        except (ConfigError, ReferDataError, FileNotFoundError, ValueError) as exc:  # bad input: no traceback
             print(f"linewatch {args.cmd}: {exc}", file=sys.stderr)
             return 1
     return args.fn(args)

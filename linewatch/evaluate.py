@@ -133,6 +133,10 @@ def _engine_config(path: Path | None):
     if path is None:
         return cfgmod.ZeroShotEngine(), cfgmod.InspectConfig().batch_size
     cfg = cfgmod.load(path)
+    if cfg.engine.kind != "zeroshot":
+        raise ValueError(f"{path}: [engine] kind = {cfg.engine.kind!r}: `linewatch eval` runs the zero-shot "
+                         f"engine's methods (floor, coarse, tier1, refined); evaluate a DQFormer checkpoint "
+                         f"with `linewatch train eval`")
     return cfg.engine, cfg.inspect.batch_size
 
 

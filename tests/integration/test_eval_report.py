@@ -74,3 +74,13 @@ def test_eval_reports_each_category_apart_and_each_defect_kind(tmp_path):
         assert "Where the false alarms are" in (out / cat / "index.html").read_text()
         assert (out / cat / "pr_curve.png").stat().st_size > 0
         assert list((out / cat / "gallery" / "coarse").glob("best_*_pred.png"))
+
+
+def test_eval_with_another_engine_kind_is_a_one_line_error(tmp_path, capsys):
+    from linewatch.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[engine]\nkind = "dqformer"\ncheckpoint = "{ROOT / "README.md"}"\n[metrics]\nport = 0\n')
+    assert main(["eval", str(MT), "--lots", "magnetic", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "runs the zero-shot engine" in err and "Traceback" not in err
