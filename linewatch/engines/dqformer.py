@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -65,7 +66,8 @@ class DQFormerEngine:
 
             try:
                 segmenter = ReferringSegmenter.from_checkpoint(path, device=cfg.device)
-            except (ValueError, KeyError, RuntimeError) as exc:  # wrong format / mismatched weights
+            except (ValueError, KeyError, RuntimeError, AttributeError, EOFError, OSError,
+                    pickle.UnpicklingError) as exc:  # wrong format, truncated file, mismatched weights
                 raise EngineUnavailable(f"cannot load DQFormer checkpoint {path}: {exc}") from None
             self.version = f"{segmenter.version}-{file_digest(path)}"
         else:

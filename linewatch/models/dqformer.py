@@ -346,8 +346,15 @@ def load_checkpoint(path, map_location: str = "cpu") -> tuple[DQFormer, dict]:
 
     The backbone is built without re-reading the ImageNet file: the state dict holds it."""
     blob = torch.load(str(path), map_location=map_location, weights_only=False)
-    if blob.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a DQFormer checkpoint (format {blob.get('format')!r})")
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise ValueError(f"{path}: not a DQFormer checkpoint (format {fmt!r})")
+    from .text import TEXT_MODEL_NAME
+
+    if blob.get("text_model", TEXT_MODEL_NAME) != TEXT_MODEL_NAME:
+        # the fused sentence embeddings would come from another encoder than the one trained with
+        raise ValueError(f"{path}: trained with sentence encoder {blob['text_model']!r}, "
+                         f"this build has {TEXT_MODEL_NAME!r}")
     cfg = DQFormerConfig.from_dict({**blob["config"], "pretrained": False})
     model = DQFormer(cfg)
     model.load_state_dict(blob["state_dict"], strict=True)

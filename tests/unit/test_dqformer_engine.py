@@ -161,3 +161,16 @@ def test_image_tags_are_measured_at_the_models_input_size_as_in_training():
     assert small.brightness != full.brightness
     (sentence,) = eng.sentences(stripes, "default")
     assert f" {small.brightness} " in sentence
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle at all", "list"])
+def test_a_checkpoint_that_is_not_one_is_refused_as_unavailable(tmp_path, content):
+    import torch
+
+    path = tmp_path / "bad.pt"
+    if content == "list":
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(EngineUnavailable, match="cannot load DQFormer checkpoint"):
+        create_engine(DQCfg(checkpoint=path))
