@@ -211,8 +211,9 @@ def build_synthetic(out_dir: Path | str, n_frames: int = 200, seed: int = 0,
                 where = f"in the {d['position'].replace('-', ' ')} area"
                 art = "an" if d["size"][0] in "aeiou" else "a"
                 sents += [f"{phrase} {where} of the part", f"{art} {d['size']} {noun} {where}"]
+            # every kind in the frame: none of them may serve as this sample's negative sentence
             out.append({"image": str(img_p), "mask": str(mask_p), "sentences": list(dict.fromkeys(sents)),
-                        "kind": kind, "split": split})
+                        "kind": kind, "split": split, "present": sorted({d["kind"] for d in defects})})
         if len({d["kind"] for d in defects}) > 1:
             mask_p = out_dir / f"frame_{i:05d}_mask.png"
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_p)
@@ -298,6 +299,7 @@ class ReferItem:
     sentences: list[str]
     kind: str
     path: str
+    present: tuple[str, ...] = ()  # every defect kind in the image (negatives must name none of them)
 
 
 def load_items(doc: dict, split: str, image_hw: tuple[int, int]) -> list[ReferItem]:
@@ -311,7 +313,7 @@ def load_items(doc: dict, split: str, image_hw: tuple[int, int]) -> list[ReferIt
         mask = load_mask(Path(s["mask"]) if s.get("mask") else None, img.shape[:2])
         img_r = resize_uint8(img, h, w)
         m = resize_uint8(mask.astype(np.uint8)[..., None] * 255, h, w)[..., 0] > 127
-        items.append(ReferItem(img_r, m, list(s["sentences"]), s["kind"], s["image"]))
+        items.append(ReferItem(img_r, m, list(s["sentences"]), s["kind"], s["image"], tuple(s.get("present", ()))))
     return items
 
 
@@ -327,7 +329,8 @@ def pick_sentence(item: ReferItem, rng: random.Random, kinds: dict[str, list[str
     if item.kind != "good" and r < universal_prob:
         return rng.choice(universal), True
     # a sample whose kind has no sentence list (e.g. "mixed") may hold any kind: no negatives
-    others = [k for k in kinds if k != item.kind] if item.kind in kinds or item.kind == "good" else []
+    others = ([k for k in kinds if k != item.kind and k not in item.present]
+              if item.kind in kinds or item.kind == "good" else [])
     if others and r < universal_prob + negative_prob:
         return rng.choice(kinds[rng.choice(others)]), item.kind == "good"
     return rng.choice(item.sentences), True

@@ -103,9 +103,14 @@ def test_loss_is_lower_for_the_right_answer():
 
 def test_checkpoint_round_trip(model, tmp_path):
     path = tmp_path / "ckpt" / "last.pt"
-    save_checkpoint(path, model, "text-model-x", {"miou": 0.5}, epoch=3)
+    from linewatch.models.text import TEXT_MODEL_NAME
+
+    save_checkpoint(tmp_path / "other.pt", model, "text-model-x", {}, epoch=1)
+    with pytest.raises(ValueError, match="trained with sentence encoder 'text-model-x'"):
+        load_checkpoint(tmp_path / "other.pt")
+    save_checkpoint(path, model, TEXT_MODEL_NAME, {"miou": 0.5}, epoch=3)
     loaded, blob = load_checkpoint(path)
-    assert blob["text_model"] == "text-model-x" and blob["epoch"] == 3
+    assert blob["text_model"] == TEXT_MODEL_NAME and blob["epoch"] == 3
     assert blob["metrics"] == {"miou": 0.5}
     assert loaded.config.image_hw == model.config.image_hw and loaded.config.dim == model.config.dim
     x = torch.randn(1, 3, H, W)
@@ -169,6 +174,18 @@ def test_pick_sentence_mixes_universal_and_negatives():
     assert share["a fray"] == pytest.approx(0.2, abs=0.05)
     assert all(keep is False for s, keep in picks if s == "a fray")
     assert all(keep is True for s, keep in picks if s != "a fray")
+
+
+def test_negative_sentences_never_name_a_kind_present_in_the_image():
+    """A frame with a crack and a fray gives a crack sample: "a fray" must not be its negative
+    (an emptied target would teach the model to ignore the fray that is there)."""
+    item = rdata.ReferItem(np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), bool), ["a crack"], "crack", "x",
+                           present=("crack", "fray"))
+    kinds = {"crack": ["a crack"], "fray": ["a fray"], "spot": ["a spot"]}
+    rng = random.Random(0)
+    picks = [rdata.pick_sentence(item, rng, kinds, ["any defect"], 0.3, 0.3) for _ in range(1000)]
+    assert not any(s == "a fray" for s, _ in picks)
+    assert any(s == "a spot" and keep is False for s, keep in picks)
 
 
 def test_load_validates_and_resolves_relative_paths(tmp_path):
