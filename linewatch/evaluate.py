@@ -182,6 +182,7 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
     ``info`` (a dict), when given, receives facts about the run (PGT rounds, pseudo-normal purity)."""
     from tqdm import tqdm
 
+    from .engines.base import Tier2Unavailable
     from .engines.zeroshot import ZeroShotEngine
     from .frames import FrameMeta
 
@@ -232,7 +233,10 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
                         results["tier1"].maps.append(o.score_map.astype(np.float16))
                         results["tier1"].scores.append(o.image_score)
             t1 = time.perf_counter()
-            tier2 = engine.lot_closed(lot_id)
+            try:
+                tier2 = engine.lot_closed(lot_id)
+            except Tier2Unavailable as exc:  # the daemon publishes it NOT_INSPECTED; here the run cannot go on
+                raise ValueError(f"{exc}; evaluate with larger lots (--lots, --lot-size)") from None
             t2 = time.perf_counter()
             coarse = engine.last_coarse if engine.refiner is not None else tier2
             if engine.refiner is not None:

@@ -84,3 +84,12 @@ def test_eval_with_another_engine_kind_is_a_one_line_error(tmp_path, capsys):
     assert main(["eval", str(MT), "--lots", "magnetic", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "runs the zero-shot engine" in err and "Traceback" not in err
+
+
+def test_eval_with_lots_too_small_to_judge_is_a_one_line_error(tmp_path, capsys):
+    from linewatch.cli import main
+
+    assert main(["eval", str(MT), "--lots", "size", "--lot-size", "2", "--methods", "coarse",
+                 "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "too few to set its score scale" in err and "--lot-size" in err and "Traceback" not in err
