@@ -151,17 +151,19 @@ def load_image(path: Path, channels: int = 3) -> np.ndarray:
     return arr if arr.ndim == 3 else arr[..., None]
 
 
-def load_mask(path: Path | None, shape: tuple[int, int], resize: bool = False) -> np.ndarray:
+def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     """Ground-truth mask as bool HxW (all False when ``path`` is None). A mask of another size
     than its image is an error (a transposed mask or another image's would give plausible but
-    misaligned ground truth) unless ``resize`` (nearest), for an image that was itself resized."""
+    misaligned ground truth); for an image resized after loading, ``resize_mask`` the mask."""
     if path is None:
         return np.zeros(shape, dtype=bool)
     with Image.open(path) as im:
         m = np.asarray(im.convert("L")) > 127
     if m.shape != tuple(shape):
-        if not resize:
-            raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, its image {shape[1]}x{shape[0]}")
-        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((shape[1], shape[0]),
-                                                                         Image.NEAREST)) > 127
+        raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, its image {shape[1]}x{shape[0]}")
     return m
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized to ``shape`` (H, W), nearest neighbour."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)) > 127

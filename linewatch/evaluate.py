@@ -270,12 +270,14 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
         engine.close()
     labels = np.array([s.defective for s in order])
     kinds = [s.kind for s in order]
+    # the near-defect ring of each frame with a marked defect, computed once for all methods
+    near = {i: mx.near_defect(g) for i, g in enumerate(masks) if g.any()}
     for r in results.values():
         lo = float(min(m.min() for m in r.maps))
         hi = float(max(m.max() for m in r.maps))
         by_kind = {k: mx.PixelAccumulator(lo, hi) for k in dict.fromkeys(kinds)}
-        for m, g, k, bad in zip(r.maps, masks, kinds, labels):
-            by_kind[k].add(m.astype(np.float32), g, _places(g, bool(bad)))
+        for i, (m, g, k) in enumerate(zip(r.maps, masks, kinds)):
+            by_kind[k].add(m.astype(np.float32), g, _places(g, bool(labels[i]), near.get(i)))
         acc = mx.PixelAccumulator(lo, hi)
         for a in by_kind.values():
             acc = acc.merged(a)
@@ -287,10 +289,11 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
     return results, order, masks
 
 
-def _places(mask: np.ndarray, defective: bool) -> dict[str, np.ndarray]:
-    """A frame's normal pixels by where they lie (see ``FALSE_ALARM_PLACES``)."""
+def _places(mask: np.ndarray, defective: bool, near: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A frame's normal pixels by where they lie (see ``FALSE_ALARM_PLACES``); ``near``: the
+    mask's ``metrics.near_defect`` when already computed."""
     if mask.any():
-        near = mx.near_defect(mask)
+        near = mx.near_defect(mask) if near is None else near
         return {"near_defect": near, "defective_frame": ~near}
     return {"defective_frame" if defective else "good_frame": np.ones(mask.shape, dtype=bool)}
 

@@ -77,11 +77,15 @@ def ap_from_counts(tp: np.ndarray, fp: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def _f1_curve(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """F1 at each threshold of cumulative counts (positives: ``tp[-1]``)."""
+    return 2 * tp / np.maximum(tp + fp + tp[-1], 1e-12)
+
+
 def f1max_from_counts(tp: np.ndarray, fp: np.ndarray) -> float:
     """Best F1 over all thresholds."""
-    p, _ = _check(tp, fp)
-    f1 = 2 * tp / np.maximum(tp + fp + p, 1e-12)
-    return float(f1.max())
+    _check(tp, fp)
+    return float(_f1_curve(tp, fp).max())
 
 
 def auroc(labels: Sequence, scores: Sequence) -> float:
@@ -199,10 +203,9 @@ class PixelAccumulator:
         the pixel-AP with the place's normal pixels left out (what a perfect suppression of false
         alarms there could reach at most)."""
         tp, fp = self.counts()
-        p = tp[-1]
-        if p == 0 or fp[-1] == 0:
+        if tp[-1] == 0 or fp[-1] == 0:
             return {}
-        at = int(np.argmax(2 * tp / np.maximum(tp + fp + p, 1e-12)))
+        at = int(np.argmax(_f1_curve(tp, fp)))
         out = {}
         for name, hist in self.places.items():
             rest = np.cumsum((self.neg - hist)[::-1]).astype(np.float64)

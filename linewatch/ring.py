@@ -118,10 +118,7 @@ class FrameRing:
                     meta.has_gt = False
         except BaseException:  # e.g. a mask of the wrong shape: the slot goes back, the error up
             with self._cond:
-                self._gen[slot] += 1
-                self._state[slot] = _State.FREE
-                self.meta[slot] = None
-                self._free.append(slot)
+                self._free_slot(slot)
                 self._cond.notify_all()
             raise
         with self._cond:
@@ -230,11 +227,15 @@ class FrameRing:
         with self._cond:
             if self._gen[h.slot] != h.generation:
                 raise StaleHandle(h)
-            self._gen[h.slot] += 1
-            self._state[h.slot] = _State.FREE
-            self.meta[h.slot] = None
-            self._free.append(h.slot)
+            self._free_slot(h.slot)
             self._cond.notify_all()
+
+    def _free_slot(self, slot: int) -> None:
+        """Make ``slot`` free (caller holds ``_cond``): handles to it go stale."""
+        self._gen[slot] += 1
+        self._state[slot] = _State.FREE
+        self.meta[slot] = None
+        self._free.append(slot)
 
     def drain_pending(self) -> list[FrameMeta | LotEvent]:
         """Remove everything still queued (on shutdown); frames come back as their metadata."""
@@ -244,10 +245,7 @@ class FrameRing:
                 item = self._work.popleft()
                 if isinstance(item, Handle):
                     meta = self.meta[item.slot]
-                    self._gen[item.slot] += 1
-                    self._state[item.slot] = _State.FREE
-                    self.meta[item.slot] = None
-                    self._free.append(item.slot)
+                    self._free_slot(item.slot)
                     if meta is not None:
                         out.append(meta)
                 else:

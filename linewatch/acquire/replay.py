@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..datasets import Sample, list_samples, load_image, load_mask
+from ..datasets import Sample, list_samples, load_image, load_mask, resize_mask
 from ..frames import FrameMeta
 from .base import SourceError, SourceFrame, SourceStatus
 from .synthetic import Pacer
@@ -98,9 +98,9 @@ class ReplayFolder:
         if not sample.has_gt:
             return img, None, ""
         try:
-            gt = load_mask(sample.mask, img0_hw, resize=False)
+            gt = load_mask(sample.mask, img0_hw)
             if gt.shape != (h, w):  # the frame was resized to the ring: so is its mask
-                gt = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+                gt = resize_mask(gt, (h, w))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             return img, None, f"corrupt mask: {sample.mask}: {exc}"
         return img, gt, ""

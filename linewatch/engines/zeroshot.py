@@ -54,10 +54,10 @@ import numpy as np
 import torch
 
 from ..frames import EngineOutput, FrameMeta
-from .base import Tier2Unavailable
 from ..models import zeroshot as zs
 from ..models.ard import grid_scale, lot_median, normalise_grid
 from ..models.backbone import FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
+from .base import Tier2Unavailable
 
 logger = logging.getLogger(__name__)
 

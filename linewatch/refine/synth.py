@@ -7,8 +7,9 @@ a scratch, a crack, a spot or a missing chunk; share ``drawn_share``) or a noise
 fractal-noise texture, after a random intensity change). The drawn shapes carry what the pastes
 lack: thin, dark or bright lines and pits, the look of real cracks and scratches (on Kolektor
 replays, pastes alone taught the ARD cues that lowered real pixel-AP). Its backbone features come
-from the engine's own extractor and its coarse scores from the same mutual scoring as tier 2 (against other frames of the lot), normalised with the lot's
-scale, so the decoder trains on exactly the kind of input it refines. A share of the samples keep
+from the engine's own extractor and its coarse scores from the same mutual scoring as tier 2
+(against other frames of the lot), normalised with the lot's scale, so the decoder trains on
+exactly the kind of input it refines. A share of the samples keep
 no anomaly, so the decoder also learns to leave normal surfaces alone.
 """
 

@@ -200,15 +200,15 @@ class Refiner:
     def _round(self, job: LotJob) -> None:
         cfg = self.cfg
         t0 = time.monotonic()
-        if self.selector is not None:
-            normals = list(self.selector(job.lot_id, job.image_scores, cfg.pseudo_normal_fraction))
-        else:
-            normals = select_pseudo_normals(job.image_scores, cfg.pseudo_normal_fraction, cfg.min_pseudo_normals)
         if not (all(bool(torch.isfinite(g).all()) for g in job.z) and np.isfinite(job.image_scores).all()
                 and math.isfinite(job.scale) and job.scale > 0):
             self.failed += 1
             logger.error("PGT: lot %s has non-finite coarse scores; not trained on", job.lot_id)
             return
+        if self.selector is not None:
+            normals = list(self.selector(job.lot_id, job.image_scores, cfg.pseudo_normal_fraction))
+        else:
+            normals = select_pseudo_normals(job.image_scores, cfg.pseudo_normal_fraction, cfg.min_pseudo_normals)
         if len(normals) < cfg.min_pseudo_normals:
             logger.info("PGT: lot %s has %d pseudo-normal frames (< %d); not trained on", job.lot_id,
                         len(normals), cfg.min_pseudo_normals)

@@ -153,7 +153,7 @@ def test_kolektorsdd_masks_for_defective_parts():
 def test_a_mask_of_another_size_than_its_image_is_an_error_unless_resizing(tmp_path):
     from PIL import Image
 
-    from linewatch.datasets import load_mask
+    from linewatch.datasets import load_mask, resize_mask
 
     m = np.zeros((20, 10), np.uint8)
     m[2:5, 3:6] = 255
@@ -161,4 +161,4 @@ def test_a_mask_of_another_size_than_its_image_is_an_error_unless_resizing(tmp_p
     assert load_mask(tmp_path / "m.png", (20, 10)).sum() == 9
     with pytest.raises(ValueError, match="is 10x20, its image 20x10"):
         load_mask(tmp_path / "m.png", (10, 20))  # transposed
-    assert load_mask(tmp_path / "m.png", (40, 20), resize=True).sum() == 36
+    assert resize_mask(load_mask(tmp_path / "m.png", (20, 10)), (40, 20)).sum() == 36
