@@ -374,6 +374,7 @@ class ZeroShotEngine:
         refiner = self.refiner
         ard = refiner.current()  # trained on an earlier lot (None before the first round)
         logits = refiner.refine([e.image for e in entries], [e.feat for e in entries], z, ard)
+        self.last_coarse = coarse if self.keep_coarse else {}
         if not all(np.isfinite(m).all() for m in logits):
             # a broken decoder must not turn the lot's maps into NaN (no regions: a silent OK)
             logger.error("ARD %s gave non-finite maps for lot %s: its coarse maps are published",
@@ -386,7 +387,6 @@ class ZeroShotEngine:
             # the ARD refines localisation; the frame's score stays the coarse one (the refined
             # maps' top-1 % mean ranked frames worse: Kolektor image-AUROC 0.77 vs 0.85 coarse)
             out[e.frame_id] = EngineOutput(score_map=smap, image_score=coarse[e.frame_id].image_score)
-        self.last_coarse = coarse if self.keep_coarse else {}
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],

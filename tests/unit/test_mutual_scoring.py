@@ -250,8 +250,10 @@ def test_non_finite_refined_maps_fall_back_to_the_coarse_maps():
     try:
         eng.refiner.refine = lambda images, feats, z, ard: [np.full(im.shape[:2], np.nan, np.float32) for im in images]
         eng.refiner.submit = lambda job: None  # no training here
+        eng.keep_coarse = True
         eng.infer(_frames(4, defect_at=1), _metas(0, 4, "a"))
         out = eng.lot_closed("a")
+        assert sorted(eng.last_coarse) == [0, 1, 2, 3]  # evaluation reads this lot's coarse maps
         assert sorted(out) == [0, 1, 2, 3]
         assert all(np.isfinite(o.score_map).all() for o in out.values())
         assert eng.last_tier2_model == {"name": eng.name, "version": eng.version}
