@@ -146,6 +146,9 @@ class RegionScore:
     shares: list[float]  # m_i of each kept region, same order
     score: float  # sum_i s_i * m_i
     dropped: int  # candidate regions removed by the size filter
+    # the components larger than max_region_fraction, scored alike (label "oversized <label>");
+    # None when there is none: not a defect, but no reason to call the image fine either
+    oversized: "RegionScore | None" = None
 
 
 def score_regions(mask: np.ndarray, prob: np.ndarray, min_region_fraction: float,
@@ -154,7 +157,7 @@ def score_regions(mask: np.ndarray, prob: np.ndarray, min_region_fraction: float
 
     ``prob`` float H x W in [0, 1] is the anomaly probability; ``s_i`` is its mean inside region
     i. Components are 8-connected. A region is kept when ``min_region_fraction <= area / (H*W)
-    <= max_region_fraction``.
+    <= max_region_fraction``; the larger ones are scored apart in ``oversized``.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != prob.shape:
@@ -168,18 +171,25 @@ def score_regions(mask: np.ndarray, prob: np.ndarray, min_region_fraction: float
     means = np.asarray(ndimage.mean(prob, labels, idx), dtype=np.float64)
     boxes = ndimage.find_objects(labels)
     frac = areas / float(total)
+
+    def scored(sel: np.ndarray, name: str, dropped: int) -> RegionScore:
+        sel_area = int(areas[sel].sum())
+        regions, shares = [], []
+        for i in np.flatnonzero(sel):
+            ys, xs = boxes[i]
+            regions.append(Region((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)),
+                                  int(areas[i]), float(means[i]), name))
+            shares.append(float(areas[i]) / sel_area)
+        order = np.argsort([-r.area_px for r in regions], kind="stable")
+        regions = [regions[i] for i in order]
+        shares = [shares[i] for i in order]
+        score = float(sum(r.score * m for r, m in zip(regions, shares)))
+        sel_mask = np.isin(labels, idx[sel]) if sel.any() else np.zeros_like(mask)
+        return RegionScore(sel_mask, regions, shares, score, dropped)
+
     keep = (frac >= min_region_fraction) & (frac <= max_region_fraction)
-    kept_ids = idx[keep]
-    kept_area = int(areas[keep].sum())
-    regions, shares = [], []
-    for i in np.flatnonzero(keep):
-        ys, xs = boxes[i]
-        regions.append(Region((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)),
-                              int(areas[i]), float(means[i]), label))
-        shares.append(float(areas[i]) / kept_area)
-    order = np.argsort([-r.area_px for r in regions], kind="stable")
-    regions = [regions[i] for i in order]
-    shares = [shares[i] for i in order]
-    score = float(sum(r.score * m for r, m in zip(regions, shares)))
-    kept_mask = np.isin(labels, kept_ids) if len(kept_ids) else np.zeros_like(mask)
-    return RegionScore(kept_mask, regions, shares, score, int(n - keep.sum()))
+    out = scored(keep, label, int(n - keep.sum()))
+    big = frac > max_region_fraction
+    if big.any():
+        out.oversized = scored(big, f"oversized {label}", 0)
+    return out

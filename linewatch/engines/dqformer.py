@@ -117,14 +117,12 @@ class DQFormerEngine:
             label = pc.defects[0] if len(pc.defects) == 1 else "anomaly"
             rs = score_regions(mask, prob, pc.min_region_fraction, pc.max_region_fraction, label)
             regions, kept, score = rs.regions, rs.mask, rs.score
-            if pc.max_region_fraction < 1.0 and mask.mean() > pc.max_region_fraction:
+            if rs.oversized is not None:
                 # a region larger than max_region_fraction is not a plausible defect, but neither is
                 # the frame fine (a covered lens, glare, the wrong product, a huge defect): dropping
                 # it would publish OK; it stays, labelled, and the frame is NG
-                big = score_regions(mask, prob, np.nextafter(pc.max_region_fraction, 2.0), 1.0,
-                                    f"oversized {label}")
-                if big.regions:
-                    regions, kept, score = regions + big.regions, kept | big.mask, max(score, big.score)
+                big = rs.oversized
+                regions, kept, score = regions + big.regions, kept | big.mask, max(score, big.score)
             out.append(EngineOutput(score_map=prob, image_score=score, mask=kept, regions=regions))
         return out
 
