@@ -12,7 +12,6 @@ regions and never calibrates a threshold for this engine.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..config import DQFormerEngine as DQFormerEngineConfig
 from ..config import PromptConfig
 from ..frames import EngineOutput, FrameMeta
 from ..models.backbone import resize_uint8
+from ..runtime.manifest import sha256_file
 from ..prompts import compose, measure_tags, score_regions
 from . import EngineUnavailable
 
@@ -33,11 +33,7 @@ logger = logging.getLogger(__name__)
 
 def file_digest(path: Path, n_hex: int = 12) -> str:
     """Short SHA-256 of a file, so the model version changes whenever the weights do."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n_hex]
+    return sha256_file(path)[:n_hex]
 
 
 def prompts_for(cfg, recipe: str) -> PromptConfig:

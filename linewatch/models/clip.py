@@ -35,17 +35,6 @@ class ClipWeightsError(FileNotFoundError):
     """The CLIP weights folder is missing or incomplete; the message names the path and the file."""
 
 
-def _digest(path: Path) -> str:
-    """Short content digest of a weights file (the version changes when the weights do)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
-
-
 def check_weights_dir(path: Path | str) -> Path:
     """Return ``path`` if it looks like a local CLIP folder, else raise ClipWeightsError."""
     p = Path(path)
@@ -100,8 +89,10 @@ class ClipScorer:
         if pre.is_file():
             d = json.loads(pre.read_text(encoding="utf-8"))
             mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
-        weights = next(p / f for f in WEIGHT_FILES if (p / f).is_file())
-        return cls(model, tokenizer, device, mean, std, version=f"clip-{p.name}-{_digest(weights)}")
+        from ..runtime.manifest import sha256_file
+
+        weights = next(p / f for f in WEIGHT_FILES if (p / f).is_file())  # the version changes with them
+        return cls(model, tokenizer, device, mean, std, version=f"clip-{p.name}-{sha256_file(weights)[:12]}")
 
     @torch.no_grad()
     def encode_text(self, sentences: list[str]) -> torch.Tensor:

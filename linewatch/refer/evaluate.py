@@ -166,12 +166,13 @@ def run(args: argparse.Namespace) -> int:
     # training command also uses for the split)
     trained_seed = int(blob.get("split_seed") if blob.get("split_seed") is not None else blob.get("seed", 0))
     seed = trained_seed if args.seed is None else args.seed
-    doc = rdata.load(args.data, seed=seed)
+    # a data set given by name is built with that name (checked before building it)
     from_name = str(args.data) in rdata.BUILDERS and not Path(args.data).exists()
-    if from_name and seed != trained_seed and doc.get("name", "") == blob.get("data_name", ""):
-        print(f"linewatch: {args.ckpt} was trained on the {doc.get('name')} split of seed {trained_seed}; "
+    if from_name and seed != trained_seed and str(args.data) == blob.get("data_name", ""):
+        print(f"linewatch: {args.ckpt} was trained on the {args.data} split of seed {trained_seed}; "
               f"the split of seed {seed} would test it on images it was trained on", file=sys.stderr)
         return 2
+    doc = rdata.load(args.data, seed=seed)
     items = rdata.load_items(doc, args.split, model.config.image_hw)
     if not items:
         raise rdata.ReferDataError(f"the {args.split} split of {args.data} is empty: nothing to evaluate")
