@@ -8,10 +8,13 @@ excluded (``self_scores``): a patch with no look-alike elsewhere in its own imag
 That is weaker than mutual scoring but never a fake "all clear".
 
 Tier 2 (``lot_closed``): the whole lot is mutually scored (every frame against the others, at most
-``tier2_references``), the rings of cells at the frame edge are calibrated against the lot's
-interior (``border_bands``, ``linewatch.models.zeroshot.border_stats``) and the lot's features
-become the "previous lot" references. Tier 1 calibrates its edges the same way with the statistics
-of the last closed lot's tier-1 grids (none before the first lot closes). Tier-2 maps
+``tier2_references``), each cell is calibrated against the same cell of the lot's frames of the
+same geometry (``position_min_frames``, ``linewatch.models.zeroshot.position_stats``: on a
+fixtured part a place that is hot on every frame is normal there), the rings of cells at the frame
+edge are calibrated against the lot's interior (``border_bands``,
+``linewatch.models.zeroshot.border_stats``) and the lot's features become the "previous lot"
+references. Tier 1 calibrates positions and edges the same way with the statistics of the last
+closed lot's tier-1 grids (none before the first lot closes). Tier-2 maps
 are in lot score units (``linewatch.models.ard.normalise_grid``: minus the lot's median patch
 score, divided by the lot's typical 50-99th percentile span), which makes scores comparable from
 lot to lot and product to product; the image score is the mean of the top
@@ -182,8 +185,10 @@ class ZeroShotEngine:
         self.name = "zeroshot"
         ext_version = getattr(extractor, "version", type(extractor).__name__)
         self.border_bands = int(getattr(cfg, "border_bands", 0))  # edge rings calibrated per lot
+        # frames of one geometry needed for the per-cell position calibration (0 = off)
+        self.position_min_frames = int(getattr(cfg, "position_min_frames", 0))
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
-                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}")
+                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}-p{self.position_min_frames}")
         self.ref_stride = int(ref_stride)
         # tier-2 budget: the config's unless given here (tests, evaluation)
         self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
@@ -202,7 +207,9 @@ class ZeroShotEngine:
         # (scale, offset) of the last lot with at least MIN_SCALE_FRAMES frames: a smaller lot
         # borrows it (its own would measure its own defect as the norm)
         self._norm: tuple[float, float] | None = None
-        self._tier1_border: zs.BorderStats = {}  # tier-1 edge calibration, from the last closed lot
+        # tier-1 position and edge calibration, from the last closed lot's tier-1 grids (one
+        # attribute: the lot closer replaces both at once while the inspector reads them)
+        self._tier1_calibration: tuple[zs.PositionStats, zs.BorderStats] = ([], {})
 
     # ------------------------------------------------------------------------------ features
     def features(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -273,7 +280,9 @@ class ZeroShotEngine:
                 self.self_scored_frames += 1
                 s = zs.self_scores(e.feat)
             e.tier1 = s
-            outputs.append(self._output(zs.apply_border(s, self._tier1_border), e.frame_hw))
+            position, border = self._tier1_calibration
+            s = zs.apply_border(zs.apply_position(s, e.frame_hw, position), border)
+            outputs.append(self._output(s, e.frame_hw))
         with self._lock:
             for meta, e in zip(metas, entries):
                 self._bank(meta.lot_id).append(e)
@@ -331,11 +340,20 @@ class ZeroShotEngine:
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
             scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
                                        self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
+        # each cell against the same cell of the lot's frames of the same geometry, then the edge
+        # rings against the interior
+        position = zs.position_stats(scores, [e.frame_hw for e in entries], self.position_min_frames)
+        offsets = [zs.position_offset(position, e.frame_hw, s.shape) for e, s in zip(entries, scores)]
+        scores = [s if o is None else s.float() - o for s, o in zip(scores, offsets)]
         border = zs.border_stats(scores, self.border_bands)
-        # tier 1 calibrates its edges with what this lot's tier-1 grids showed (the next frames)
-        tier1 = [e.tier1 for e in entries if e.tier1 is not None]
-        self._tier1_border = zs.border_stats(tier1, self.border_bands) if len(tier1) >= 2 else self._tier1_border
         scores = [zs.apply_border(s, border) for s in scores]
+        # tier 1 is calibrated with what this lot's tier-1 grids showed (for the next frames)
+        tier1 = [e for e in entries if e.tier1 is not None]
+        if len(tier1) >= 2:
+            t1_position = zs.position_stats([e.tier1 for e in tier1], [e.frame_hw for e in tier1],
+                                            self.position_min_frames)
+            t1_grids = [zs.apply_position(e.tier1, e.frame_hw, t1_position) for e in tier1]
+            self._tier1_calibration = (t1_position, zs.border_stats(t1_grids, self.border_bands))
         if len(scores) >= MIN_SCALE_FRAMES:
             scale, offset = grid_scale(scores), lot_median(scores)
             if math.isfinite(scale) and math.isfinite(offset):
@@ -352,7 +370,7 @@ class ZeroShotEngine:
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse
-        return self._refine_lot(lot_id, entries, z, scale, coarse, border)
+        return self._refine_lot(lot_id, entries, z, scale, coarse, offsets, border)
 
     # ------------------------------------------------------------------------- refinement
     def enable_refinement(self, refine_cfg, on_model=None, selector=None) -> None:
@@ -368,7 +386,8 @@ class ZeroShotEngine:
                                on_model=on_model, selector=selector)
 
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
-                    coarse: dict[int, EngineOutput], border: zs.BorderStats) -> dict[int, EngineOutput]:
+                    coarse: dict[int, EngineOutput], offsets: list[torch.Tensor | None],
+                    border: zs.BorderStats) -> dict[int, EngineOutput]:
         from ..refine.worker import LotJob
 
         refiner = self.refiner
@@ -390,7 +409,7 @@ class ZeroShotEngine:
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
-                              scale, border))
+                              scale, border, offsets))
         return out
 
     def close(self) -> None:

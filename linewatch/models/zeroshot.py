@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -214,6 +215,92 @@ def apply_border(grid: torch.Tensor, stats: BorderStats | None) -> torch.Tensor:
         scale[b], offset[b] = sc, off
     band = border_bands(grid.shape[-2], grid.shape[-1], depth)
     return grid.float() * scale[band] + offset[band]
+
+
+# ---------------------------------------------------------------------- position calibration
+# Frames within this share of each other's height and width show the part in the same place (a
+# fixed camera ROI, a fixtured part: KolektorSDD's heights vary by 1-2 %); their grids are compared
+# cell by cell.
+POSITION_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True, slots=True)
+class PositionGroup:
+    """The position calibration of one frame geometry: frames of about ``frame_hw`` pixels get
+    ``offset`` (a grid of cell scores, resized to their grid) subtracted from their score grid."""
+
+    frame_hw: tuple[int, int]
+    offset: torch.Tensor  # h x w, centred: its median is 0
+
+    def matches(self, frame_hw: Sequence[int], tolerance: float = POSITION_TOLERANCE) -> bool:
+        """Whether a frame of ``frame_hw`` pixels has this group's geometry."""
+        return all(abs(int(a) - b) <= tolerance * b for a, b in zip(frame_hw, self.frame_hw))
+
+
+PositionStats = list[PositionGroup]
+
+
+def geometry_groups(frame_hws: Sequence[Sequence[int]], tolerance: float = POSITION_TOLERANCE) -> list[list[int]]:
+    """Indices of frames grouped by geometry: a frame joins the first group whose first frame it
+    matches within ``tolerance`` in height and width, else starts a group."""
+    groups: list[tuple[tuple[int, int], list[int]]] = []
+    for i, hw in enumerate(frame_hws):
+        h, w = int(hw[0]), int(hw[1])
+        for (gh, gw), members in groups:
+            if abs(h - gh) <= tolerance * gh and abs(w - gw) <= tolerance * gw:
+                members.append(i)
+                break
+        else:
+            groups.append(((h, w), [i]))
+    return [members for _, members in groups]
+
+
+def _resize_grid(grid: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    if tuple(grid.shape) == tuple(shape):
+        return grid.float()
+    return F.interpolate(grid.float()[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]
+
+
+def position_stats(grids: Sequence[torch.Tensor], frame_hws: Sequence[Sequence[int]],
+                   min_frames: int) -> PositionStats:
+    """What each cell of the frame scores on the lot's frames of the same geometry.
+
+    On a fixtured line every frame shows the part in the same place, and some places score high
+    on every frame (a hole, a bevel, a reflection, lighting falloff toward the edge): that level is
+    their normal, and a defect is what rises above it. For each geometry group of at least
+    ``min_frames`` frames (``geometry_groups``) the per-cell median over the group's grids (resized
+    to the group's most common grid shape), less its own median, is the offset that
+    ``apply_position`` subtracts. The median ignores a defect present on fewer than half of the
+    group's frames; mutual scoring already hides one present on 30 % of the references
+    (``topk_fraction``), so this hides nothing that scoring did not. Frames of mixed sizes (no group
+    of ``min_frames``) get no entry. ``min_frames`` <= 0 turns it off."""
+    if min_frames <= 0:
+        return []
+    out: PositionStats = []
+    for members in geometry_groups(frame_hws):
+        if len(members) < max(min_frames, 2):
+            continue
+        shapes = [tuple(grids[i].shape) for i in members]
+        shape = max(set(shapes), key=shapes.count)
+        stack = torch.stack([_resize_grid(grids[i], shape) for i in members]).reshape(len(members), -1)
+        cell = torch.quantile(stack, 0.5, dim=0).reshape(shape)
+        first = frame_hws[members[0]]
+        out.append(PositionGroup((int(first[0]), int(first[1])), cell - cell.median()))
+    return out
+
+
+def position_offset(stats: PositionStats | None, frame_hw: Sequence[int], shape: Sequence[int]) -> torch.Tensor | None:
+    """The offset grid (``shape``) for a frame of ``frame_hw`` pixels; None when no group matches."""
+    for group in stats or ():
+        if group.matches(frame_hw):
+            return _resize_grid(group.offset, shape)
+    return None
+
+
+def apply_position(grid: torch.Tensor, frame_hw: Sequence[int], stats: PositionStats | None) -> torch.Tensor:
+    """``grid`` less its geometry's offset (``position_stats``); ``grid`` itself when none applies."""
+    offset = position_offset(stats, frame_hw, grid.shape)
+    return grid if offset is None else grid.float() - offset
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -79,7 +79,8 @@ def _source_for(images: Sequence[np.ndarray], i: int, rng: np.random.Generator) 
 def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
                  test_z: Sequence[torch.Tensor], normals: Sequence[int], scale: float, n_samples: int, extract: Extract, topk_fraction: float,
                  rng: np.random.Generator, references: int = 6, normal_share: float = 0.2,
-                 border: zs.BorderStats | None = None, drawn_share: float = 0.0) -> list[Sample]:
+                 border: zs.BorderStats | None = None, drawn_share: float = 0.0,
+                 position: Sequence[torch.Tensor | None] | None = None) -> list[Sample]:
     """``n_samples`` training samples built on the frames ``normals`` of a lot.
 
     ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
@@ -87,8 +88,9 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
     patches of up to ``references`` other frames of the lot (four times cheaper than full grids).
     Fewer, subsampled references shift all distances up, so a sample's scores are put in lot units
     by matching its median to the median of its source frame's tier-2 grid ``test_z`` (the pasted
-    anomaly covers too little of the frame to move a median), after the lot's edge calibration
-    ``border`` (``zeroshot.border_stats``) as at tier 2.
+    anomaly covers too little of the frame to move a median), after the lot's calibrations as at
+    tier 2: its source frame's position offset ``position[i]`` (``zeroshot.position_offset``, None
+    where none applies) and the edge calibration ``border`` (``zeroshot.border_stats``).
     """
     if not normals:
         return []
@@ -124,6 +126,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
             grid = s.reshape(f.shape[1:])
         else:
             grid = zs.self_scores(f)
+        if position and position[i] is not None:  # the source frame's position offset, as tier 2
+            grid = grid.float() - position[i]
         grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2
         zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
         hot = (test_z[i] > IGNORE_UNITS).numpy().repeat(GRID_STRIDE, 0).repeat(GRID_STRIDE, 1)

@@ -64,6 +64,8 @@ class LotJob:
     image_scores: list[float]
     scale: float
     border: dict = field(default_factory=dict)  # the lot's border calibration (zeroshot.border_stats)
+    # each frame's position-calibration offset grid (zeroshot.position_offset), None where none applies
+    position: list = field(default_factory=list)
     t_submit: float = field(default_factory=time.monotonic)
 
 
@@ -218,7 +220,7 @@ class Refiner:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.topk_fraction, self._rng, references=cfg.references,
-                               border=job.border, drawn_share=cfg.drawn_share)
+                               border=job.border, position=job.position, drawn_share=cfg.drawn_share)
         t1 = time.monotonic()
         prev = self.current()
         ard = copy.deepcopy(prev.module if prev is not None else self._base)

@@ -98,6 +98,26 @@ def test_hot_cells_of_a_pseudo_normal_are_left_out_of_training():
         assert (s.ignore == (cell & ~s.mask)).all()
 
 
+def test_samples_take_their_source_frames_position_offset_as_tier_2_does():
+    """A sample's coarse scores are calibrated like its source frame's at tier 2: a place the lot's
+    position calibration lowered is lowered on the sample too (else PGT trains on another map)."""
+    images, feats, grids, scale = _lot()
+    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
+    offset = torch.zeros(H // 8, W // 8)
+    offset[1, 2] = 5.0 * scale
+    plain = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), 0.3,
+                         np.random.default_rng(0), normal_share=1.0)
+    calibrated = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), 0.3,
+                              np.random.default_rng(0), normal_share=1.0, position=[offset, None] + [None] * 4)
+    for a, b in zip(plain, calibrated):
+        d = (a.z - b.z).numpy()
+        if (a.image == images[0]).all():  # frame 0 has the offset: its cell (1, 2) falls by 5 units
+            assert d[1, 2] - np.median(d) == pytest.approx(5.0, abs=1e-4)
+        else:
+            assert np.allclose(d, 0.0)
+
+
 def test_drawn_share_mixes_simulator_defects_with_pastes(monkeypatch):
     from linewatch.refine import synth
 
