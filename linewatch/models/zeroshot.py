@@ -232,26 +232,31 @@ class PositionGroup:
     frame_hw: tuple[int, int]
     offset: torch.Tensor  # h x w, centred: its median is 0
 
-    def matches(self, frame_hw: Sequence[int], tolerance: float = POSITION_TOLERANCE) -> bool:
+    def matches(self, frame_hw: Sequence[int]) -> bool:
         """Whether a frame of ``frame_hw`` pixels has this group's geometry."""
-        return all(abs(int(a) - b) <= tolerance * b for a, b in zip(frame_hw, self.frame_hw))
+        return same_geometry(frame_hw, self.frame_hw)
 
 
 PositionStats = list[PositionGroup]
 
 
+def same_geometry(frame_hw: Sequence[int], reference_hw: Sequence[int], tolerance: float = POSITION_TOLERANCE) -> bool:
+    """Whether a frame of ``frame_hw`` pixels is within ``tolerance`` of ``reference_hw`` in height
+    and in width."""
+    return all(abs(int(a) - int(b)) <= tolerance * int(b) for a, b in zip(frame_hw, reference_hw))
+
+
 def geometry_groups(frame_hws: Sequence[Sequence[int]], tolerance: float = POSITION_TOLERANCE) -> list[list[int]]:
     """Indices of frames grouped by geometry: a frame joins the first group whose first frame it
     matches within ``tolerance`` in height and width, else starts a group."""
-    groups: list[tuple[tuple[int, int], list[int]]] = []
+    groups: list[tuple[Sequence[int], list[int]]] = []
     for i, hw in enumerate(frame_hws):
-        h, w = int(hw[0]), int(hw[1])
-        for (gh, gw), members in groups:
-            if abs(h - gh) <= tolerance * gh and abs(w - gw) <= tolerance * gw:
+        for first, members in groups:
+            if same_geometry(hw, first, tolerance):
                 members.append(i)
                 break
         else:
-            groups.append(((h, w), [i]))
+            groups.append((hw, [i]))
     return [members for _, members in groups]
 
 
