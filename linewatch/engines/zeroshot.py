@@ -344,7 +344,7 @@ class ZeroShotEngine:
         # rings against the interior
         position = zs.position_stats(scores, [e.frame_hw for e in entries], self.position_min_frames)
         offsets = [zs.position_offset(position, e.frame_hw, s.shape) for e, s in zip(entries, scores)]
-        scores = [s if o is None else s.float() - o for s, o in zip(scores, offsets)]
+        scores = [zs.subtract_offset(s, o) for s, o in zip(scores, offsets)]
         border = zs.border_stats(scores, self.border_bands)
         scores = [zs.apply_border(s, border) for s in scores]
         # tier 1 is calibrated with what this lot's tier-1 grids showed (for the next frames)

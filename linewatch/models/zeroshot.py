@@ -302,10 +302,14 @@ def position_offset(stats: PositionStats | None, frame_hw: Sequence[int], shape:
     return None
 
 
+def subtract_offset(grid: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """``grid`` less a ``position_offset`` of its shape; ``grid`` itself when ``offset`` is None."""
+    return grid if offset is None else grid.float() - offset
+
+
 def apply_position(grid: torch.Tensor, frame_hw: Sequence[int], stats: PositionStats | None) -> torch.Tensor:
     """``grid`` less its geometry's offset (``position_stats``); ``grid`` itself when none applies."""
-    offset = position_offset(stats, frame_hw, grid.shape)
-    return grid if offset is None else grid.float() - offset
+    return subtract_offset(grid, position_offset(stats, frame_hw, grid.shape))
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -126,8 +126,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
             grid = s.reshape(f.shape[1:])
         else:
             grid = zs.self_scores(f)
-        if position and position[i] is not None:  # the source frame's position offset, as tier 2
-            grid = grid.float() - position[i]
+        if position:  # the source frame's position offset, as tier 2
+            grid = zs.subtract_offset(grid, position[i])
         grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2
         zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
         hot = (test_z[i] > IGNORE_UNITS).numpy().repeat(GRID_STRIDE, 0).repeat(GRID_STRIDE, 1)
