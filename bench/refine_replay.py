@@ -93,7 +93,7 @@ def _synthetic_ap(refiner: worker.Refiner, job: worker.LotJob, extract, cfg, n: 
     from linewatch.refine.synth import make_samples
 
     normals = select_pseudo_normals(job.image_scores, cfg.pseudo_normal_fraction, cfg.min_pseudo_normals)
-    samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, n, extract, 0.3,
+    samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, n, extract, refiner.scorer,
                            np.random.default_rng(12345), references=cfg.references, normal_share=0.0,
                            drawn_share=cfg.drawn_share)
     ard = refiner.current()
@@ -131,8 +131,7 @@ def run(args) -> int:
     selector = None
     if args.contaminate is not None:
         selector = ev.ContaminatingSelector(args.contaminate, cfg.min_pseudo_normals, cfg.seed)
-    refiner = worker.Refiner(cfg, jobs[0].feats[0].shape[0], engine.features, engine.cfg.topk_fraction,
-                             selector=selector)
+    refiner = worker.Refiner(cfg, jobs[0].feats[0].shape[0], engine.features, engine.scorer, selector=selector)
     coarse, refined = [], []
     i, t0, train_s = 0, time.perf_counter(), 0.0
     for job in jobs:

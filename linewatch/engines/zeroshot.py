@@ -59,7 +59,7 @@ import torch
 from ..frames import EngineOutput, FrameMeta
 from ..models import zeroshot as zs
 from ..models.ard import grid_scale, lot_median, normalise_grid
-from ..models.backbone import FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
+from ..models.backbone import CONTEXT_CHANNELS, FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
 from .base import Tier2Unavailable
 
 logger = logging.getLogger(__name__)
@@ -83,11 +83,11 @@ class TorchExtractor:
     """``PatchFeatures`` in torch, traced and frozen (BN folded) for fast CPU inference."""
 
     def __init__(self, out_dim: int, device: str = "cpu", threads: int = 0, aggregate: bool = True,
-                 jit: bool = True):
+                 jit: bool = True, context: bool = False):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.module = PatchFeatures(out_dim=out_dim, aggregate=aggregate).to(self.device)
+        self.module = PatchFeatures(out_dim=out_dim, aggregate=aggregate, context=context).to(self.device)
         self.name = self.module.name
         self.version = self.module.version
         self.out_dim = self.module.out_dim
@@ -120,7 +120,7 @@ class _Entry:
 
     frame_id: int
     feat: torch.Tensor  # C x h x w
-    ref: torch.Tensor  # M x C, the subsampled reference patches
+    ref: zs.Reference  # the subsampled reference patches (and context cells)
     frame_hw: tuple[int, int]
     image: np.ndarray | None = None  # the frame in working geometry, kept only for refinement
     tier1: torch.Tensor | None = None  # its tier-1 score grid (before edge calibration)
@@ -176,7 +176,8 @@ class ZeroShotEngine:
             torch.set_num_threads(cfg.threads)
         if extractor is None:
             if cfg.backend == "torch":
-                extractor = TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads)
+                extractor = TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads,
+                                           context=float(getattr(cfg, "context_weight", 0.0)) > 0)
             else:  # onnxruntime / tensorrt: exported (and built) on first use, see linewatch.runtime
                 from ..runtime import create_extractor
 
@@ -187,8 +188,13 @@ class ZeroShotEngine:
         self.border_bands = int(getattr(cfg, "border_bands", 0))  # edge rings calibrated per lot
         # frames of one geometry needed for the per-cell position calibration (0 = off)
         self.position_min_frames = int(getattr(cfg, "position_min_frames", 0))
+        # the context level: the extractor's channels after the patch level's (see zs.Scorer)
+        context = float(getattr(cfg, "context_weight", 0.0))
+        fine = (cfg.feature_dim if 0 < cfg.feature_dim < FEATURE_CHANNELS else FEATURE_CHANNELS) if context > 0 else None
+        self.scorer = zs.Scorer(float(cfg.topk_fraction), fine, context)
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
-                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}-p{self.position_min_frames}")
+                        f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}-p{self.position_min_frames}"
+                        + (f"-c{context:g}" if context > 0 else ""))
         self.ref_stride = int(ref_stride)
         # tier-2 budget: the config's unless given here (tests, evaluation)
         self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
@@ -223,6 +229,10 @@ class ZeroShotEngine:
             crops.extend(r[y:y + g.size, x:x + g.size] for y, x in g.offsets)
         batch = preprocess(np.stack(crops)).numpy()
         feats = np.asarray(self.extractor(batch), dtype=np.float32)
+        if self.scorer.has_context and feats.shape[1] != self.scorer.fine_channels + CONTEXT_CHANNELS:
+            raise RuntimeError(f"the feature extractor gives {feats.shape[1]} channels; with context_weight > 0 "
+                               f"the engine needs {self.scorer.fine_channels} patch-level channels followed by "
+                               f"{CONTEXT_CHANNELS} context channels (re-export the backbone)")
         out, i = [], 0
         for g in plans:
             n = len(g.offsets)
@@ -246,7 +256,7 @@ class ZeroShotEngine:
         return acc / np.maximum(wsum, 1e-6)
 
     def _entry(self, meta: FrameMeta, feat: torch.Tensor, hw: tuple[int, int]) -> _Entry:
-        return _Entry(meta.frame_id, feat, zs.subsample_reference(feat, self.ref_stride, meta.frame_id), hw)
+        return _Entry(meta.frame_id, feat, self.scorer.reference(feat, self.ref_stride, meta.frame_id), hw)
 
     def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int]) -> EngineOutput:
         smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], SMOOTH_SIGMA_CELLS)
@@ -274,11 +284,10 @@ class ZeroShotEngine:
             with self._lock:
                 refs = self._references(i, metas, entries)
             if refs:
-                s = zs.mutual_scores(zs.flat_patches(e.feat), refs, self.cfg.topk_fraction)
-                s = s.reshape(e.feat.shape[1:])
+                s = self.scorer.score(e.feat, refs)
             else:
                 self.self_scored_frames += 1
-                s = zs.self_scores(e.feat)
+                s = self.scorer.score_self(e.feat)
             e.tier1 = s
             position, border = self._tier1_calibration
             s = zs.apply_border(zs.apply_position(s, e.frame_hw, position), border)
@@ -296,7 +305,7 @@ class ZeroShotEngine:
         out = resize_uint8(image, g.height, g.width)
         return out.copy() if np.shares_memory(out, image) else out  # never keep a view of the ring
 
-    def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry]) -> list[torch.Tensor]:
+    def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry]) -> list[zs.Reference]:
         cap = self.cfg.reference_frames
         lot = metas[i].lot_id
         refs = [entries[j].ref for j in range(len(entries) - 1, -1, -1)
@@ -335,11 +344,10 @@ class ZeroShotEngine:
         if not bank:
             return {}
         entries = list(bank)
-        scores = zs.lot_mutual_scores([e.feat for e in entries], self.cfg.topk_fraction,
-                                      max_references=self.tier2_references, ref_stride=self.tier2_ref_stride)
+        scores = self.scorer.score_lot([e.feat for e in entries], max_references=self.tier2_references,
+                                       ref_stride=self.tier2_ref_stride)
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
-            scores = [zs.mutual_scores(zs.flat_patches(entries[0].feat), [e.ref for e in previous],
-                                       self.cfg.topk_fraction).reshape(entries[0].feat.shape[1:])]
+            scores = [self.scorer.score(entries[0].feat, [e.ref for e in previous])]
         # each cell against the same cell of the lot's frames of the same geometry, then the edge
         # rings against the interior
         position = zs.position_stats(scores, [e.frame_hw for e in entries], self.position_min_frames)
@@ -381,9 +389,9 @@ class ZeroShotEngine:
 
         if self.refiner is not None:
             self.refiner.close()
-        dim = getattr(self.extractor, "out_dim", 0) or self.cfg.feature_dim or FEATURE_CHANNELS
-        self.refiner = Refiner(refine_cfg, dim, self.features, self.cfg.topk_fraction,
-                               on_model=on_model, selector=selector)
+        # the ARD sees the patch level only
+        dim = self.scorer.fine_channels or getattr(self.extractor, "out_dim", 0) or self.cfg.feature_dim or FEATURE_CHANNELS
+        self.refiner = Refiner(refine_cfg, dim, self.features, self.scorer, on_model=on_model, selector=selector)
 
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
                     coarse: dict[int, EngineOutput], offsets: list[torch.Tensor | None],
@@ -392,7 +400,7 @@ class ZeroShotEngine:
 
         refiner = self.refiner
         ard = refiner.current()  # trained on an earlier lot (None before the first round)
-        logits = refiner.refine([e.image for e in entries], [e.feat for e in entries], z, ard)
+        logits = refiner.refine([e.image for e in entries], [self.scorer.fine(e.feat) for e in entries], z, ard)
         self.last_coarse = coarse if self.keep_coarse else {}
         if not all(np.isfinite(m).all() for m in logits):
             # a broken decoder must not turn the lot's maps into NaN (no regions: a silent OK)
@@ -407,7 +415,7 @@ class ZeroShotEngine:
             # maps' top-1 % mean ranked frames worse: Kolektor image-AUROC 0.77 vs 0.85 coarse)
             out[e.frame_id] = EngineOutput(score_map=smap, image_score=coarse[e.frame_id].image_score)
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
-        refiner.submit(LotJob(lot_id, [e.image for e in entries], [e.feat for e in entries],
+        refiner.submit(LotJob(lot_id, [e.image for e in entries], [self.scorer.fine(e.feat) for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
                               scale, border, offsets))
         return out

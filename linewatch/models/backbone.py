@@ -8,7 +8,9 @@ Input: float32 N x 3 x H x W, already normalised (H and W multiples of 16).
 Output: float32 N x C x H/8 x W/8: the stride-8 stage (40 channels) and the stride-16 stage
 (112 channels, bilinearly upsampled), each locally aggregated with a 3x3 average pool (as in
 PatchCore), concatenated, and optionally projected to ``out_dim`` channels by a fixed random
-orthogonal projection (seeded, so every process computes the same features).
+orthogonal projection (seeded, so every process computes the same features). With
+``context=True`` the stride-32 stage (192 channels, aggregated and upsampled the same way, never
+projected) follows as the context level (``linewatch.models.zeroshot.Scorer``).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ BACKBONE_NAME = "efficientnet_lite0"
 PIXEL_MEAN = 127.0
 PIXEL_STD = 128.0
 STRIDE = 8  # output grid stride in input pixels
-SIZE_MULTIPLE = 16  # input sides must be multiples of this (deepest stage used has stride 16)
+SIZE_MULTIPLE = 16  # input sides must be multiples of this (a stride-32 stage pads like the others)
 # block index ranges (in efficientnet_lite_pytorch's flat block list) of the stages used
 _STAGE8_END = 5  # blocks 0..4: stem stage (16), stage 24 (x2), stage 40 (x2) -> stride 8, 40 ch
 _STAGE16_END = 11  # blocks 5..10: stage 80 (x3), stage 112 (x3) -> stride 16, 112 ch
+_STAGE32_END = 15  # blocks 11..14: stage 192 (x4) -> stride 32, 192 ch (the context level)
 FEATURE_CHANNELS = 40 + 112
+CONTEXT_CHANNELS = 192
 
 
 def weights_path() -> Path:
@@ -77,10 +81,12 @@ class PatchFeatures(nn.Module):
     """Multi-level patch features of EfficientNet-Lite0 (see the module docstring).
 
     ``out_dim`` = 0 keeps all ``FEATURE_CHANNELS`` (152) channels. ``aggregate=False`` skips the
-    3x3 local average (the plain features of the evaluation baseline).
+    3x3 local average (the plain features of the evaluation baseline). ``context=True`` appends
+    the ``CONTEXT_CHANNELS`` of the stride-32 stage.
     """
 
-    def __init__(self, out_dim: int = 0, weights: Path | None = None, aggregate: bool = True):
+    def __init__(self, out_dim: int = 0, weights: Path | None = None, aggregate: bool = True,
+                 context: bool = False):
         super().__init__()
         try:
             from efficientnet_lite_pytorch import EfficientNet
@@ -98,6 +104,8 @@ class PatchFeatures(nn.Module):
         self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
         self.stage8 = nn.Sequential(*net._blocks[:_STAGE8_END])
         self.stage16 = nn.Sequential(*net._blocks[_STAGE8_END:_STAGE16_END])
+        self.context = bool(context)
+        self.stage32 = nn.Sequential(*net._blocks[_STAGE16_END:_STAGE32_END]) if self.context else None
         self.aggregate = bool(aggregate)
         self.out_dim = int(out_dim)
         if self.out_dim and self.out_dim < FEATURE_CHANNELS:
@@ -106,7 +114,9 @@ class PatchFeatures(nn.Module):
             self.out_dim = FEATURE_CHANNELS
             self.register_buffer("proj", torch.eye(FEATURE_CHANNELS))
         self.name = BACKBONE_NAME
-        self.version = f"{BACKBONE_NAME}-{weights_hash(wpath)}-s8s16{'a3' if aggregate else ''}-d{self.out_dim}"
+        levels = "s8s16s32" if self.context else "s8s16"
+        self.version = f"{BACKBONE_NAME}-{weights_hash(wpath)}-{levels}{'a3' if aggregate else ''}-d{self.out_dim}"
+        self.channels = self.out_dim + (CONTEXT_CHANNELS if self.context else 0)  # of the output
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -115,12 +125,13 @@ class PatchFeatures(nn.Module):
         x = self.stem(x)
         f8 = self.stage8(x)
         f16 = self.stage16(f8)
+        levels = [f8, f16] if self.stage32 is None else [f8, f16, self.stage32(f16)]
         if self.aggregate:  # fixed at construction: not data-dependent, traces to one graph
-            f8 = F.avg_pool2d(f8, 3, stride=1, padding=1, count_include_pad=False)
-            f16 = F.avg_pool2d(f16, 3, stride=1, padding=1, count_include_pad=False)
-        f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-        f = torch.cat([f8, f16], dim=1)
-        return torch.einsum("oc,nchw->nohw", self.proj, f)
+            levels = [F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False) for f in levels]
+        grid = levels[0].shape[-2:]
+        levels[1:] = [F.interpolate(f, size=grid, mode="bilinear", align_corners=False) for f in levels[1:]]
+        f = torch.einsum("oc,nchw->nohw", self.proj, torch.cat(levels[:2], dim=1))
+        return f if len(levels) == 2 else torch.cat([f, levels[2]], dim=1)  # the context level unprojected
 
 
 def preprocess(images: np.ndarray) -> torch.Tensor:

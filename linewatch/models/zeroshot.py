@@ -145,6 +145,92 @@ def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_r
     return out
 
 
+# ---------------------------------------------------------------------------- context level
+# The context level (the backbone's stride-32 stage, upsampled onto the stride-8 grid with the
+# other levels) is scored on every CONTEXT_STRIDE-th cell of the grid: its native resolution, so
+# its distances cost about 1/256 of the patch level's.
+CONTEXT_STRIDE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """What a frame lends as a reference: its (subsampled) patch rows M x C and, with a context
+    level, its context cells M' x C' (None without one)."""
+
+    patches: torch.Tensor
+    context: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scorer:
+    """Mutual scoring of whole feature grids, with an optional context level.
+
+    A feature grid's first ``fine_channels`` channels are the patch level (None: all of them).
+    The remaining channels, when ``context_weight`` > 0, are the context level: scored the same way
+    on its own coarse grid (``CONTEXT_STRIDE``), upsampled and added with ``context_weight``. A
+    patch in a large defect (a break, a fray, a stain) can match some patch of another frame while
+    its neighbourhood does not; a thin crack is the reverse, and the coarse level only blurs it.
+    """
+
+    topk_fraction: float
+    fine_channels: int | None = None
+    context_weight: float = 0.0
+
+    @property
+    def has_context(self) -> bool:
+        return self.context_weight > 0 and self.fine_channels is not None
+
+    def fine(self, feat: torch.Tensor) -> torch.Tensor:
+        """The patch-level channels of a C x h x w (or N x C x h x w) grid: a view."""
+        if self.fine_channels is None:
+            return feat
+        return feat.narrow(-3, 0, self.fine_channels)
+
+    def context(self, feat: torch.Tensor) -> torch.Tensor:
+        """The context level of a C x h x w grid at its native resolution: C' x h' x w'."""
+        o = CONTEXT_STRIDE // 2
+        return feat[self.fine_channels:, o::CONTEXT_STRIDE, o::CONTEXT_STRIDE]
+
+    def reference(self, feat: torch.Tensor, stride: int = 1, phase: int = 0) -> Reference:
+        """A frame's reference: its patch rows subsampled by ``stride`` (``subsample_reference``)
+        and its context cells."""
+        ctx = flat_patches(self.context(feat)) if self.has_context else None
+        return Reference(subsample_reference(self.fine(feat), stride, phase), ctx)
+
+    def _with_context(self, grid: torch.Tensor, ctx_grid: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(ctx_grid[None, None].float(), size=tuple(grid.shape), mode="bilinear",
+                           align_corners=False)[0, 0]
+        return grid + self.context_weight * up
+
+    def score(self, feat: torch.Tensor, refs: Sequence[Reference]) -> torch.Tensor:
+        """The h x w score grid of a C x h x w grid against ``refs`` (at least one)."""
+        fine = self.fine(feat)
+        grid = mutual_scores(flat_patches(fine), [r.patches for r in refs], self.topk_fraction)
+        grid = grid.reshape(fine.shape[1:])
+        if not self.has_context:
+            return grid
+        ctx = self.context(feat)
+        cg = mutual_scores(flat_patches(ctx), [r.context for r in refs], self.topk_fraction)
+        return self._with_context(grid, cg.reshape(ctx.shape[1:]))
+
+    def score_self(self, feat: torch.Tensor) -> torch.Tensor:
+        """``self_scores`` of a grid (nothing else to compare with), both levels."""
+        grid = self_scores(self.fine(feat))
+        if not self.has_context:
+            return grid
+        exclude = max(1, SELF_EXCLUDE_RADIUS // CONTEXT_STRIDE)
+        return self._with_context(grid, self_scores(self.context(feat), exclude))
+
+    def score_lot(self, feats: Sequence[torch.Tensor], max_references: int = 0,
+                  ref_stride: int = 1) -> list[torch.Tensor]:
+        """``lot_mutual_scores`` of whole grids; the context level always with full grids."""
+        grids = lot_mutual_scores([self.fine(f) for f in feats], self.topk_fraction, max_references, ref_stride)
+        if not self.has_context:
+            return grids
+        ctx = lot_mutual_scores([self.context(f) for f in feats], self.topk_fraction, max_references)
+        return [self._with_context(g, c) for g, c in zip(grids, ctx)]
+
+
 # ------------------------------------------------------------------------ border calibration
 BORDER_MIN_CELLS = 32  # a band (or the interior) with fewer cells in the lot is left as it is
 # the spread of a band: its 90th percentile above its median (the 99th was as good on KolektorSDD

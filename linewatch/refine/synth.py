@@ -76,8 +76,9 @@ def _source_for(images: Sequence[np.ndarray], i: int, rng: np.random.Generator) 
     return np.ascontiguousarray(src)
 
 
-def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-                 test_z: Sequence[torch.Tensor], normals: Sequence[int], scale: float, n_samples: int, extract: Extract, topk_fraction: float,
+def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], refs: Sequence[zs.Reference],
+                 test_z: Sequence[torch.Tensor], normals: Sequence[int], scale: float, n_samples: int, extract: Extract,
+                 scorer: zs.Scorer,
                  rng: np.random.Generator, references: int = 6, normal_share: float = 0.2,
                  border: zs.BorderStats | None = None, drawn_share: float = 0.0,
                  position: Sequence[torch.Tensor | None] | None = None) -> list[Sample]:
@@ -85,7 +86,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
 
     ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
     reference patches as computed at tier 1); each sample's coarse scores use the subsampled
-    patches of up to ``references`` other frames of the lot (four times cheaper than full grids).
+    patches of up to ``references`` other frames of the lot (four times cheaper than full grids),
+    scored by the engine's ``scorer`` (both levels); the sample keeps the patch-level features.
     Fewer, subsampled references shift all distances up, so a sample's scores are put in lot units
     by matching its median to the median of its source frame's tier-2 grid ``test_z`` (the pasted
     anomaly covers too little of the frame to move a median), after the lot's calibrations as at
@@ -121,15 +123,11 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
         others = [j for j in range(len(feats)) if j != i]
         if len(others) > references:
             others = [int(j) for j in rng.choice(others, references, replace=False)]
-        if others:
-            s = zs.mutual_scores(zs.flat_patches(f), [refs[j] for j in others], topk_fraction)
-            grid = s.reshape(f.shape[1:])
-        else:
-            grid = zs.self_scores(f)
+        grid = scorer.score(f, [refs[j] for j in others]) if others else scorer.score_self(f)
         if position:  # the source frame's position offset, as tier 2
             grid = zs.subtract_offset(grid, position[i])
         grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2
         zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
         hot = (test_z[i] > IGNORE_UNITS).numpy().repeat(GRID_STRIDE, 0).repeat(GRID_STRIDE, 1)
-        samples.append(Sample(img, f, zg, m, ignore=hot[:m.shape[0], :m.shape[1]] & ~m))
+        samples.append(Sample(img, scorer.fine(f), zg, m, ignore=hot[:m.shape[0], :m.shape[1]] & ~m))
     return samples

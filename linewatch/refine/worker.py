@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from ..models.ard import ARD
 from ..models.backbone import preprocess
+from ..models.zeroshot import Reference, Scorer
 from ..priority import TIER2_NICE, lower_priority
 from .pseudo import select_pseudo_normals
 from .synth import Extract, make_samples
@@ -58,8 +59,8 @@ class LotJob:
 
     lot_id: str
     images: list[np.ndarray]
-    feats: list[torch.Tensor]
-    refs: list[torch.Tensor]
+    feats: list[torch.Tensor]  # patch level (what the ARD sees)
+    refs: list[Reference]
     z: list[torch.Tensor]  # the frames' coarse grids in lot units
     image_scores: list[float]
     scale: float
@@ -73,12 +74,12 @@ class Refiner:
     """ARD refinement + background PGT (see the module docstring). Thread-safe: ``refine`` and
     ``submit`` may be called from the lot-closer thread while the worker trains."""
 
-    def __init__(self, cfg, feat_dim: int, extract: Extract, topk_fraction: float,
+    def __init__(self, cfg, feat_dim: int, extract: Extract, scorer: Scorer,
                  on_model: Callable[..., None] | None = None, selector: Selector | None = None):
         self.cfg = cfg
         self.feat_dim = int(feat_dim)
         self.extract = extract
-        self.topk_fraction = float(topk_fraction)
+        self.scorer = scorer  # the engine's: PGT samples are scored as tier 2 scores frames
         self.on_model = on_model
         self.selector = selector
         self.run_id = f"{int(time.time()):x}"
@@ -219,7 +220,7 @@ class Refiner:
         while len(self.pseudo_normals) > 64:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
-                               self.extract, self.topk_fraction, self._rng, references=cfg.references,
+                               self.extract, self.scorer, self._rng, references=cfg.references,
                                border=job.border, position=job.position, drawn_share=cfg.drawn_share)
         t1 = time.monotonic()
         prev = self.current()

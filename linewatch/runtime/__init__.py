@@ -67,7 +67,8 @@ def create_extractor(cfg, *, batch_size: int = 4):
     if cfg.backend == "torch":
         from ..engines.zeroshot import TorchExtractor
 
-        return TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads)
+        return TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads,
+                              context=float(cfg.context_weight) > 0)
     from .models import zeroshot_params
 
     params = zeroshot_params(cfg)

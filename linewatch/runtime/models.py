@@ -74,7 +74,7 @@ def file_hash(path: Path | str) -> str:
 def _pf_build(p: Params) -> nn.Module:
     from ..models.backbone import PatchFeatures
 
-    return PatchFeatures(out_dim=int(p["feature_dim"]), aggregate=bool(p["aggregate"]))
+    return PatchFeatures(out_dim=int(p["feature_dim"]), aggregate=bool(p["aggregate"]), context=bool(p["context"]))
 
 
 def _pf_inputs(module: nn.Module, p: Params, batch: int) -> tuple[torch.Tensor, ...]:
@@ -90,12 +90,14 @@ def _pf_hash(p: Params, module: nn.Module | None) -> str:
 
 def _pf_stem(p: Params) -> str:
     size = "dyn" if p["dynamic_size"] else str(int(p["input_size"]))
-    return f"patch_features-d{int(p['feature_dim'])}{'' if p['aggregate'] else '-noagg'}-s{size}"
+    return (f"patch_features-d{int(p['feature_dim'])}{'' if p['aggregate'] else '-noagg'}"
+            f"{'-ctx' if p['context'] else ''}-s{size}")
 
 
 PATCH_FEATURES = ModelSpec(
     name="patch_features",
-    description="zero-shot engine backbone: EfficientNet-Lite0 stride-8/16 patch features",
+    description="zero-shot engine backbone: EfficientNet-Lite0 stride-8/16 patch features (and the stride-32 "
+                "context level)",
     build=_pf_build,
     example_inputs=_pf_inputs,
     input_names=("image",),
@@ -105,7 +107,7 @@ PATCH_FEATURES = ModelSpec(
     weights_hash=_pf_hash,
     version=lambda p, m: m.version,
     stem=_pf_stem,
-    defaults={"feature_dim": 0, "aggregate": True, "input_size": 256, "dynamic_size": False},
+    defaults={"feature_dim": 0, "aggregate": True, "context": False, "input_size": 256, "dynamic_size": False},
 )
 
 
@@ -116,7 +118,7 @@ def zeroshot_params(cfg) -> Params:
     fixed image size is exported: it lets ONNX Runtime and TensorRT plan for one shape."""
     from ..models.backbone import SIZE_MULTIPLE
 
-    return {"feature_dim": int(cfg.feature_dim), "aggregate": True,
+    return {"feature_dim": int(cfg.feature_dim), "aggregate": True, "context": float(cfg.context_weight) > 0,
             "input_size": int(cfg.input_size) // SIZE_MULTIPLE * SIZE_MULTIPLE, "dynamic_size": False}
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 # small but real settings per model (real ImageNet backbone weights; DQFormer head untrained)
 PARITY_PARAMS = {
-    "patch_features": {"feature_dim": 0, "input_size": 256},
+    "patch_features": {"feature_dim": 0, "input_size": 256, "context": True},  # both levels
     "dqformer": {"input_size": 128},
     "ard": {"feat_dim": 64, "input_size": 128},
 }

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from linewatch.config import RefineConfig
 from linewatch.evaluate import ContaminatingSelector
+from linewatch.models import zeroshot as zs
 from linewatch.models.ard import grid_scale, lot_median, normalise_grid
 from linewatch.refine.pseudo import select_pseudo_normals
 from linewatch.refine.synth import make_samples
@@ -53,7 +54,7 @@ def _lot(n=6, seed=0):
 def _job(lot_id="lot0", seed=0):
     images, feats, grids, scale = _lot(seed=seed)
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
-    return LotJob(lot_id, images, feats, [f.reshape(3, -1).T.contiguous() for f in feats], z,
+    return LotJob(lot_id, images, feats, [zs.Reference(f.reshape(3, -1).T.contiguous()) for f in feats], z,
                   [float(g.max()) for g in grids], scale)
 
 
@@ -72,10 +73,10 @@ def test_pseudo_normals_are_the_lowest_scores():
 
 def test_samples_have_features_scores_and_masks_of_the_frame():
     images, feats, grids, scale = _lot()
-    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    refs = [zs.Reference(f.reshape(3, -1).T.contiguous()) for f in feats]
     ext = FakeExtract()
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
-    out = make_samples(images, feats, refs, z, [0, 1, 2], scale, 6, ext, 0.3, np.random.default_rng(0),
+    out = make_samples(images, feats, refs, z, [0, 1, 2], scale, 6, ext, zs.Scorer(0.3), np.random.default_rng(0),
                        normal_share=0.0)
     assert len(out) == 6 and ext.calls >= 1
     for s in out:
@@ -87,10 +88,10 @@ def test_samples_have_features_scores_and_masks_of_the_frame():
 def test_hot_cells_of_a_pseudo_normal_are_left_out_of_training():
     """A pseudo-normal frame's own hot cells may be a real defect: neither normal nor anomaly."""
     images, feats, grids, scale = _lot()
-    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    refs = [zs.Reference(f.reshape(3, -1).T.contiguous()) for f in feats]
     z = [torch.zeros(H // 8, W // 8) for _ in images]
     z[0][1, 2] = 3.0  # one hot cell in frame 0
-    out = make_samples(images, feats, refs, z, [0], scale, 4, FakeExtract(), 0.3, np.random.default_rng(0),
+    out = make_samples(images, feats, refs, z, [0], scale, 4, FakeExtract(), zs.Scorer(0.3), np.random.default_rng(0),
                        normal_share=0.0)
     for s in out:
         cell = np.zeros((H, W), bool)
@@ -102,13 +103,13 @@ def test_samples_take_their_source_frames_position_offset_as_tier_2_does():
     """A sample's coarse scores are calibrated like its source frame's at tier 2: a place the lot's
     position calibration lowered is lowered on the sample too (else PGT trains on another map)."""
     images, feats, grids, scale = _lot()
-    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    refs = [zs.Reference(f.reshape(3, -1).T.contiguous()) for f in feats]
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
     offset = torch.zeros(H // 8, W // 8)
     offset[1, 2] = 5.0 * scale
-    plain = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), 0.3,
+    plain = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), zs.Scorer(0.3),
                          np.random.default_rng(0), normal_share=1.0)
-    calibrated = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), 0.3,
+    calibrated = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), zs.Scorer(0.3),
                               np.random.default_rng(0), normal_share=1.0, position=[offset, None] + [None] * 4)
     for a, b in zip(plain, calibrated):
         d = (a.z - b.z).numpy()
@@ -135,9 +136,9 @@ def test_drawn_share_mixes_simulator_defects_with_pastes(monkeypatch):
     monkeypatch.setattr(synth, "apply_defect", draw)
     monkeypatch.setattr(synth, "paste_noise_anomaly", paste)
     images, feats, grids, scale = _lot()
-    refs = [f.reshape(3, -1).T.contiguous() for f in feats]
+    refs = [zs.Reference(f.reshape(3, -1).T.contiguous()) for f in feats]
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
-    out = make_samples(images, feats, refs, z, [0, 1, 2], scale, 40, FakeExtract(), 0.3,
+    out = make_samples(images, feats, refs, z, [0, 1, 2], scale, 40, FakeExtract(), zs.Scorer(0.3),
                        np.random.default_rng(1), normal_share=0.0, drawn_share=0.5)
     assert calls["drawn"] + calls["paste"] == 40 and 10 < calls["drawn"] < 30
     for s in out:  # only the anomaly's own pixels changed
@@ -146,7 +147,7 @@ def test_drawn_share_mixes_simulator_defects_with_pastes(monkeypatch):
 
 def test_a_round_releases_a_version_recorded_with_its_lot():
     calls = []
-    r = Refiner(_cfg(), 3, FakeExtract(), 0.3, on_model=lambda *a: calls.append(a))
+    r = Refiner(_cfg(), 3, FakeExtract(), zs.Scorer(0.3), on_model=lambda *a: calls.append(a))
     try:
         assert r.current() is None
         r.submit(_job("lot0"))
@@ -168,7 +169,7 @@ def test_a_round_releases_a_version_recorded_with_its_lot():
 
 def test_refine_uses_the_given_version_and_maps_to_the_frame_grid():
     images, feats, grids, scale = _lot()
-    r = Refiner(_cfg(), 3, FakeExtract(), 0.3)
+    r = Refiner(_cfg(), 3, FakeExtract(), zs.Scorer(0.3))
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
     maps = r.refine(images, feats, z, None)
     from linewatch.engines.zeroshot import SMOOTH_SIGMA_CELLS
@@ -195,7 +196,7 @@ def test_a_newer_lot_replaces_a_pending_one():
             gate.wait(30)
             return super().__call__(images)
 
-    r = Refiner(_cfg(), 3, SlowExtract(), 0.3)
+    r = Refiner(_cfg(), 3, SlowExtract(), zs.Scorer(0.3))
     try:
         r.submit(_job("lot0"))
         r.submit(_job("lot1"))
@@ -213,7 +214,7 @@ def test_a_failed_round_keeps_the_current_ard():
         def __call__(self, images):
             raise RuntimeError("extractor down")
 
-    r = Refiner(_cfg(), 3, Broken(), 0.3)
+    r = Refiner(_cfg(), 3, Broken(), zs.Scorer(0.3))
     try:
         r.submit(_job())
         assert r.wait_idle(60)
@@ -243,7 +244,7 @@ def test_non_finite_lots_and_diverged_rounds_release_no_ard():
 
     extract = Flaky()
     extract.bad_calls = 0
-    r = Refiner(_cfg(), 3, extract, 0.3)
+    r = Refiner(_cfg(), 3, extract, zs.Scorer(0.3))
     try:
         job = _job()
         job.z[0][0, 0] = float("nan")  # the lot's coarse scores
