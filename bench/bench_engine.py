@@ -2,11 +2,12 @@
 backend, with the issue's floor method as a baseline, measured in the same process. Prints a table.
 
     .venv/bin/python bench/bench_engine.py [--frames 256] [--batch 4] [--refs 8] [--feature-dim 64]
-        [--backends torch-eager,torch,onnxruntime]
+        [--backends torch-eager,torch,onnxruntime] [--context-weights 0,1]
 
 Backends: ``torch-eager`` (the backbone module as written), ``torch`` (traced and frozen: what
 ``backend = "torch"`` runs), ``onnxruntime`` (exported on first use into a temporary folder).
-Only the feature extractor differs; scoring is the same code. Peak RSS is the process's, so it only
+Only the feature extractor differs; scoring is the same code. ``--context-weights`` repeats each
+backend per ``[engine] context_weight`` (0 = without the context level: the baseline row). Peak RSS is the process's, so it only
 grows from row to row (``linewatch bench engines`` measures each backend in its own process).
 
 Frames are synthetic 256 x 256 x 3 textures (a fixed seed), grouped in lots of ``--lot-size``;
@@ -54,7 +55,8 @@ def peak_rss_mb() -> float:
 def make_engine(cfg: EngineCfg, backend: str, engines_dir: Path) -> ZeroShotEngine:
     """The engine with the extractor of ``backend`` (see the module docstring)."""
     if backend == "torch-eager":
-        return ZeroShotEngine(cfg, TorchExtractor(cfg.feature_dim, threads=cfg.threads, jit=False))
+        return ZeroShotEngine(cfg, TorchExtractor(cfg.feature_dim, threads=cfg.threads, jit=False,
+                                                  context=cfg.context_weight > 0))
     return ZeroShotEngine(cfg.model_copy(update={"backend": backend, "engines_dir": engines_dir}))
 
 
@@ -79,7 +81,8 @@ def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size:
             eng.lot_closed(lot)
             t_lots += time.perf_counter() - t0
     lat_ms = np.asarray(lat) * 1000
-    return {"name": f"engine tier1 {backend} (d={cfg.feature_dim}, refs={cfg.reference_frames})",
+    ctx = f", context {cfg.context_weight:g}" if cfg.context_weight > 0 else ""
+    return {"name": f"engine tier1 {backend} (d={cfg.feature_dim}, refs={cfg.reference_frames}{ctx})",
             "fps": len(images) / t_all, "p50": float(np.percentile(lat_ms, 50)),
             "p99": float(np.percentile(lat_ms, 99)), "rss": peak_rss_mb(),
             "lot_close_s": t_lots / max(len(images) // lot_size, 1), "version": eng.version}
@@ -110,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--backends", default="torch", help="comma-separated: torch-eager, torch, onnxruntime")
+    p.add_argument("--context-weights", default="0", help="comma-separated [engine] context_weight values")
     p.add_argument("--append", type=Path, default=None,
                    help="also append the table to this file (bench/RESULTS.md) under the engines heading")
     a = p.parse_args(argv)
     images = frames(a.frames, a.size)
     cfg = EngineCfg(threads=a.threads, feature_dim=a.feature_dim, reference_frames=a.refs, input_size=a.size)
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
-        rows = [bench_engine(cfg, images, a.batch, a.lot_size, b.strip(), Path(tmp))
-                for b in a.backends.split(",") if b.strip()]
+        rows = [bench_engine(cfg.model_copy(update={"context_weight": float(w)}), images, a.batch, a.lot_size,
+                             b.strip(), Path(tmp))
+                for b in a.backends.split(",") if b.strip() for w in a.context_weights.split(",")]
     if not a.no_floor:
         rows.append(bench_floor(images, a.lot_size, a.threads))
     print(f"\n{a.frames} frames {a.size}x{a.size}x3, batch {a.batch}, threads {a.threads}; latency per "

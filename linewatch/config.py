@@ -178,8 +178,9 @@ class ZeroShotEngine(Strict):
         "own coarse grid and added to each patch's score (0 = off, the stage is not run). It finds "
         "large defects whose every patch has some look-alike elsewhere (breaks, frays, stains) and "
         "blurs thin ones. Measured 2026-12-01 (tier 2, 32/1): 1.0 gives magnetic_tile pixel-AP "
-        "0.062 -> 0.10, KolektorSDD pixel-AUROC 0.967 -> 0.983 but pixel-AP 0.160 -> 0.118, the "
-        "synthetic line pixel-AP 0.69 -> 0.47: a per-product choice, checked with `linewatch eval`.",
+        "0.062 -> 0.099 and image-AUROC 0.808 -> 0.812, KolektorSDD pixel-AUROC 0.967 -> 0.983 but "
+        "pixel-AP 0.160 -> 0.118, the synthetic line pixel-AP 0.69 -> 0.47: a per-product choice, "
+        "checked with `linewatch eval`.",
         default=0.0, ge=0, le=16)
     engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
 
