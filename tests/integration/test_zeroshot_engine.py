@@ -89,3 +89,34 @@ def test_engine_on_a_real_kolektor_lot():
     for out in (tier1[d], tier2[d]):
         inside = out.score_map[masks[d]].max()
         assert inside > np.percentile(out.score_map[~masks[d]], 99), "the defect should stand out"
+
+
+def _tier2_maps(images, context_weight: float):
+    eng = ZeroShotEngine(EngineCfg(threads=2, context_weight=context_weight, tier2_references=32, tier2_ref_stride=1))
+    for s in range(0, len(images), 4):
+        metas = [FrameMeta(s + i, 0.0, "cam", im.shape[0], im.shape[1], lot_id="mt")
+                 for i, im in enumerate(images[s:s + 4])]
+        eng.infer(images[s:s + 4], metas)
+    out = eng.lot_closed("mt")
+    return [out[i].score_map for i in range(len(images))]
+
+
+def test_context_level_finds_more_of_large_defects_on_real_tiles():
+    """magnetic_tile frays are large: with the context level (the real stride-32 stage) more of
+    their pixels outrank the normal ones of the lot (measured: pixel-AP 0.63 -> 0.82 on this lot)."""
+    from linewatch import datasets as ds
+    from linewatch.metrics import average_precision
+
+    root = DATA / "magnetic_tile"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    samples = ds.list_samples(root)
+    free = [s for s in samples if not s.defective][:21]
+    frays = [s for s in samples if s.kind == "fray"][:3]
+    lot = free[:7] + frays[:1] + free[7:14] + frays[1:2] + free[14:] + frays[2:]
+    images = [ds.load_image(s.image, 3) for s in lot]
+    masks = [ds.load_mask(s.mask, im.shape[:2]) for s, im in zip(lot, images)]
+    labels = np.concatenate([m.ravel() for m in masks])
+    ap = {w: average_precision(labels, np.concatenate([m.ravel() for m in _tier2_maps(images, w)]))
+          for w in (0.0, 1.0)}
+    assert ap[1.0] > ap[0.0] + 0.1, ap
