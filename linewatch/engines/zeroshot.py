@@ -39,6 +39,12 @@ Geometry: with ``tile=True`` a frame keeps its aspect ratio: its shorter side is
 call to the feature extractor therefore sees one fixed shape, which suits exported engines.
 With ``tile=False`` frames are squashed to ``input_size`` x ``input_size``.
 
+Scoring goes through one ``linewatch.models.zeroshot.Scorer`` (tier 1, tier 2 and the PGT
+samples alike). With ``context_weight`` > 0 the extractor also returns the backbone's stride-32
+stage after the patch-level channels, and every score adds that context level's own mutual score,
+computed on its coarse grid (large defects whose patches each have a look-alike somewhere); the ARD
+still sees the patch level only.
+
 The feature extractor is a swappable callable (float32 N x 3 x S x S normalised numpy batch in,
 float32 N x C x S/8 x S/8 numpy features out), so ONNX Runtime or TensorRT extractors can replace
 the torch one without touching the scoring.
@@ -390,7 +396,8 @@ class ZeroShotEngine:
         if self.refiner is not None:
             self.refiner.close()
         # the ARD sees the patch level only
-        dim = self.scorer.fine_channels or getattr(self.extractor, "out_dim", 0) or self.cfg.feature_dim or FEATURE_CHANNELS
+        dim = (self.scorer.fine_channels or getattr(self.extractor, "out_dim", 0) or self.cfg.feature_dim
+               or FEATURE_CHANNELS)
         self.refiner = Refiner(refine_cfg, dim, self.features, self.scorer, on_model=on_model, selector=selector)
 
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
