@@ -65,7 +65,8 @@ import torch
 from ..frames import EngineOutput, FrameMeta
 from ..models import zeroshot as zs
 from ..models.ard import grid_scale, lot_median, normalise_grid
-from ..models.backbone import CONTEXT_CHANNELS, FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, preprocess, resize_uint8
+from ..models.backbone import (CONTEXT_CHANNELS, FEATURE_CHANNELS, STRIDE, SIZE_MULTIPLE, PatchFeatures, patch_channels,
+                               preprocess, resize_uint8)
 from .base import Tier2Unavailable
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,8 @@ class ZeroShotEngine:
         self.position_min_frames = int(getattr(cfg, "position_min_frames", 0))
         # the context level: the extractor's channels after the patch level's (see zs.Scorer)
         context = float(getattr(cfg, "context_weight", 0.0))
-        fine = (cfg.feature_dim if 0 < cfg.feature_dim < FEATURE_CHANNELS else FEATURE_CHANNELS) if context > 0 else None
-        self.scorer = zs.Scorer(float(cfg.topk_fraction), fine, context)
+        self.scorer = zs.Scorer(float(cfg.topk_fraction), patch_channels(cfg.feature_dim) if context > 0 else None,
+                                context)
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
                         f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}-p{self.position_min_frames}"
                         + (f"-c{context:g}" if context > 0 else ""))

