@@ -181,22 +181,18 @@ class ZeroShotEngine:
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        if extractor is None:
-            if cfg.backend == "torch":
-                extractor = TorchExtractor(cfg.feature_dim, device=cfg.device, threads=cfg.threads,
-                                           context=float(getattr(cfg, "context_weight", 0.0)) > 0)
-            else:  # onnxruntime / tensorrt: exported (and built) on first use, see linewatch.runtime
-                from ..runtime import create_extractor
+        # the context level: the extractor's channels after the patch level's (see zs.Scorer)
+        context = float(getattr(cfg, "context_weight", 0.0))
+        if extractor is None:  # onnxruntime / tensorrt: exported (and built) on first use
+            from ..runtime import create_extractor
 
-                extractor = create_extractor(cfg, batch_size=batch_size)
+            extractor = create_extractor(cfg, batch_size=batch_size)
         self.extractor = extractor
         self.name = "zeroshot"
         ext_version = getattr(extractor, "version", type(extractor).__name__)
         self.border_bands = int(getattr(cfg, "border_bands", 0))  # edge rings calibrated per lot
         # frames of one geometry needed for the per-cell position calibration (0 = off)
         self.position_min_frames = int(getattr(cfg, "position_min_frames", 0))
-        # the context level: the extractor's channels after the patch level's (see zs.Scorer)
-        context = float(getattr(cfg, "context_weight", 0.0))
         self.scorer = zs.Scorer(float(cfg.topk_fraction), patch_channels(cfg.feature_dim) if context > 0 else None,
                                 context)
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"

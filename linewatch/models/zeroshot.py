@@ -198,9 +198,7 @@ class Scorer:
         return Reference(subsample_reference(self.fine(feat), stride, phase), ctx)
 
     def _with_context(self, grid: torch.Tensor, ctx_grid: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(ctx_grid[None, None].float(), size=tuple(grid.shape), mode="bilinear",
-                           align_corners=False)[0, 0]
-        return grid + self.context_weight * up
+        return grid + self.context_weight * _resize_grid(ctx_grid, grid.shape)
 
     def score(self, feat: torch.Tensor, refs: Sequence[Reference]) -> torch.Tensor:
         """The h x w score grid of a C x h x w grid against ``refs`` (at least one)."""
