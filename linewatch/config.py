@@ -247,8 +247,15 @@ class DQFormerEngine(Strict):
     checkpoint: Path = restart("DQFormer checkpoint written by `linewatch train dqformer` (last.pt). "
                                "A missing file stops the daemon at startup.",
                                default=Path("engines/dqformer.pt"))
-    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu")
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = restart(
+        "Where the segmenter runs: torch (the checkpoint as is), onnxruntime or tensorrt (the "
+        "checkpoint is exported to engines_dir on first start, and for tensorrt an FP16 plan is "
+        "built for this GPU; both are redone when the checkpoint changes). The sentence encoder "
+        "stays on torch, each sentence encoded once.", default="torch")
+    device: str = restart("torch device (cpu, cuda, cuda:0); for onnxruntime, cuda asks for its CUDA "
+                          "provider; for tensorrt, the GPU index.", default="cpu")
     threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
+    engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
     prompts: PromptConfig = restart("Prompt composition and region scoring.",
                                     default_factory=PromptConfig)
     recipes: dict[str, RecipePrompts] = restart(

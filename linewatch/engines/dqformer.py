@@ -46,7 +46,10 @@ class DQFormerEngine:
     """Tier-1 engine around :class:`linewatch.refer.ReferringSegmenter`.
 
     ``segmenter`` may be given (tests); otherwise the checkpoint named in config is loaded and a
-    missing file raises :class:`EngineUnavailable` with a one-line message.
+    missing file raises :class:`EngineUnavailable` with a one-line message. On backend onnxruntime
+    or tensorrt the segmenter runs the checkpoint's export (``linewatch.runtime``); a backend that
+    cannot run here (missing packages, an unwritable engines_dir) raises ``BackendUnavailable``,
+    an ``EngineUnavailable``.
     """
 
     def __init__(self, cfg: DQFormerEngineConfig, segmenter=None):
@@ -66,6 +69,11 @@ class DQFormerEngine:
                     pickle.UnpicklingError) as exc:  # wrong format, truncated file, mismatched weights
                 raise EngineUnavailable(f"cannot load DQFormer checkpoint {path}: {exc}") from None
             self.version = f"{segmenter.version}-{file_digest(path)}"
+            if cfg.backend != "torch":  # the checkpoint exported (and built) for that backend
+                from ..runtime import create_dqformer_runner
+
+                segmenter.runner, tag = create_dqformer_runner(cfg)
+                self.version = f"{self.version}-{tag}"
         else:
             self.version = getattr(segmenter, "version", "") or "dqformer-custom"
         self.segmenter = segmenter

@@ -35,14 +35,20 @@ class ReferringSegmenter:
 
     Images are resized to the model's ``image_hw``; outputs are resized back (masks by nearest,
     probabilities bilinearly). The mask is the per-pixel argmax of the two query masks.
+
+    ``runner`` (optional): the model exported and loaded by another backend, anything whose
+    ``run({"image", "words", "word_mask", "sentence": numpy}) -> [logits]`` computes what
+    ``model`` does (``linewatch.runtime.create_dqformer_runner``: ONNX Runtime, TensorRT). The torch
+    model then only supplies its configuration.
     """
 
     def __init__(self, model: DQFormer, text: TextEncoder | None = None, device: str = "cpu",
-                 version: str = ""):
+                 version: str = "", runner=None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.text = text or TextEncoder(max_tokens=model.config.max_tokens)
         self.version = version
+        self.runner = runner
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, device: str = "cpu") -> "ReferringSegmenter":
@@ -58,9 +64,15 @@ class ReferringSegmenter:
             raise ValueError(f"{len(images)} images but {len(sentences)} sentences")
         h, w = self.model.config.image_hw
         batch = np.stack([_as_hwc(resize_uint8(_as_hwc(im), h, w)) for im in images])
-        x = preprocess(batch).to(self.device)
-        enc = self.text.encode(sentences).to(self.device)
-        logits = self.model(x, enc.tokens, enc.mask, enc.pooled)
+        x = preprocess(batch)
+        enc = self.text.encode(sentences)
+        if self.runner is not None:
+            logits = torch.from_numpy(self.runner.run({"image": x.numpy(), "words": enc.tokens.numpy(),
+                                                       "word_mask": enc.mask.numpy(),
+                                                       "sentence": enc.pooled.numpy()})[0])
+        else:
+            enc = enc.to(self.device)
+            logits = self.model(x.to(self.device), enc.tokens, enc.mask, enc.pooled)
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         out = []
         for i, im in enumerate(images):

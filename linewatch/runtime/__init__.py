@@ -12,6 +12,9 @@ How the zero-shot engine gets its feature extractor per backend (:func:`create_e
   ``engines_dir`` is not writable the error says to run ``linewatch engines export``.
 - ``tensorrt``: the same ONNX step, then the FP16 plan for this GPU is looked up in the plan cache
   and built when absent (minutes, logged); see :mod:`linewatch.runtime.tensorrt_backend`.
+
+The DQFormer engine gets its graph runner the same way (:func:`create_dqformer_runner`): the
+checkpoint named in config is the model, exported (and built) again whenever its file changes.
 """
 
 from __future__ import annotations
@@ -80,3 +83,31 @@ def create_extractor(cfg, *, batch_size: int = 4):
     from .tensorrt_backend import TrtExtractor
 
     return TrtExtractor.for_model("patch_features", params, cfg.engines_dir, opt_batch=batch_size)
+
+
+def cuda_index(device: str) -> int:
+    """The GPU index of a torch-style device string: "cuda" -> 0, "cuda:1" -> 1."""
+    _, _, index = device.partition(":")
+    try:
+        return int(index) if index else 0
+    except ValueError:
+        raise ValueError(f"device {device!r}: expected cuda or cuda:<index>") from None
+
+
+def create_dqformer_runner(cfg, *, batch_size: int = 4):
+    """(runner, tag) for a DQFormer engine config on backend onnxruntime or tensorrt: ``runner.run``
+    takes the named numpy inputs of the exported graph (image, words, word_mask, sentence) and
+    returns [logits]; ``tag`` names the backend in the engine's version ("ort", "trtfp16")."""
+    require_backend(cfg.backend)
+    params = {"checkpoint": str(cfg.checkpoint)}
+    if cfg.backend == "onnxruntime":
+        from .ort_backend import OrtRunner
+
+        return OrtRunner.for_model("dqformer", params, cfg.engines_dir, device=cfg.device, threads=cfg.threads), "ort"
+    if cfg.backend == "tensorrt":
+        from .tensorrt_backend import TrtRunner
+
+        runner, fields = TrtRunner.for_model("dqformer", params, cfg.engines_dir, opt_batch=batch_size,
+                                             device=cuda_index(cfg.device))
+        return runner, f"trt{fields.precision}"
+    raise ValueError(f"backend {cfg.backend!r} has no exported DQFormer runner")

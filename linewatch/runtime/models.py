@@ -153,7 +153,10 @@ def _dq_hash(p: Params, module: nn.Module | None) -> str:
 
 
 def _dq_stem(p: Params) -> str:
-    tag = Path(p["checkpoint"]).stem if p["checkpoint"] else f"untrained{int(p['input_size'])}"
+    # the checkpoint's folder and name: training writes last.pt into a folder per run, and two
+    # checkpoints sharing one file name must not take turns overwriting each other's export
+    ckpt = Path(p["checkpoint"])
+    tag = f"{ckpt.parent.name}-{ckpt.stem}".lstrip("-") if p["checkpoint"] else f"untrained{int(p['input_size'])}"
     return f"dqformer-{tag}"
 
 

@@ -61,6 +61,23 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    @classmethod
+    def for_model(cls, model: str, params: Params, engines_dir: Path, *, device: str = "cpu",
+                  threads: int = 0) -> "OrtRunner":
+        """A session on ``model``'s export in ``engines_dir``, exporting it first when missing or
+        stale (the manifest's weights hash, version or parameters differ)."""
+        from .export import ensure_onnx
+
+        try:
+            path, manifest = ensure_onnx(model, params, Path(engines_dir))
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"backend 'onnxruntime': cannot export {model} into {engines_dir} ({exc}); run "
+                f"'linewatch engines export' as a user who can write there") from None
+        runner = cls(path, device=device, threads=threads, manifest=manifest)
+        logger.info("onnxruntime %s on %s: %s", ort.__version__, ",".join(runner.providers), path)
+        return runner
+
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph on named numpy inputs; outputs in graph order."""
         return self.session.run(self.output_names, inputs)
@@ -81,17 +98,7 @@ class OrtExtractor:
     def for_model(cls, model: str, params: Params, engines_dir: Path, *, device: str = "cpu",
                   threads: int = 0) -> "OrtExtractor":
         """Load ``model``'s export from ``engines_dir``, exporting it first when missing or stale."""
-        from .export import ensure_onnx
-
-        try:
-            path, manifest = ensure_onnx(model, params, Path(engines_dir))
-        except OSError as exc:
-            raise BackendUnavailable(
-                f"backend 'onnxruntime': cannot export {model} into {engines_dir} ({exc}); run "
-                f"'linewatch engines export' as a user who can write there") from None
-        runner = OrtRunner(path, device=device, threads=threads, manifest=manifest)
-        logger.info("onnxruntime %s on %s: %s", ort.__version__, ",".join(runner.providers), path)
-        return cls(runner)
+        return cls(OrtRunner.for_model(model, params, engines_dir, device=device, threads=threads))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)

@@ -308,6 +308,16 @@ class TrtRunner:
         # extraction (refine worker) must not interleave on them
         self._run_lock = threading.Lock()
 
+    @classmethod
+    def for_model(cls, model: str, params: Params, engines_dir: Path, *, opt_batch: int = 4,
+                  precision: str = "fp16", cuda_graphs: bool = True,
+                  device: int = 0) -> tuple["TrtRunner", PlanKeyFields]:
+        """A runner on ``model``'s plan for this GPU (exported and built first when needed),
+        with the plan's key fields."""
+        plan, fields = ensure_plan(model, params, Path(engines_dir), opt_batch=opt_batch, precision=precision,
+                                   progress=False, device=device)
+        return cls(plan, device=device, cuda_graphs=cuda_graphs), fields
+
     def _set_batch(self, n: int) -> None:
         if n == self._shape_batch:
             return
@@ -391,9 +401,8 @@ class TrtExtractor:
     def for_model(cls, model: str, params: Params, engines_dir: Path, *, opt_batch: int = 4,
                   precision: str = "fp16", cuda_graphs: bool = True, device: int = 0) -> "TrtExtractor":
         """Load (building when needed) the plan of ``model`` for this GPU."""
-        plan, fields = ensure_plan(model, params, Path(engines_dir), opt_batch=opt_batch, precision=precision,
-                                   progress=False, device=device)
-        runner = TrtRunner(plan, device=device, cuda_graphs=cuda_graphs)
+        runner, fields = TrtRunner.for_model(model, params, engines_dir, opt_batch=opt_batch, precision=precision,
+                                             cuda_graphs=cuda_graphs, device=device)
         return cls(runner, f"{fields.version}-trt{fields.precision}")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -105,6 +105,29 @@ def test_extractor_runs_in_the_zeroshot_engine(engines_dir):
     assert sorted(eng.lot_closed("l")) == [0, 1, 2, 3]
 
 
+def test_dqformer_engine_on_a_tensorrt_plan(engines_dir, tmp_path):
+    """A DQFormer checkpoint (seeded, small) run by the engine on backend tensorrt: the plan is
+    built from the checkpoint's export and its FP16 probabilities follow the torch engine's."""
+    from linewatch.config import DQFormerEngine as EngineCfg
+    from linewatch.engines.dqformer import DQFormerEngine
+    from linewatch.frames import FrameMeta
+    from linewatch.models.dqformer import DQFormer, DQFormerConfig, save_checkpoint
+    from linewatch.models.text import TEXT_MODEL_NAME
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "gpu" / "last.pt"
+    save_checkpoint(ckpt, DQFormer(DQFormerConfig(image_hw=(128, 128), dim=32, decoder_layers=2)).eval(),
+                    TEXT_MODEL_NAME, {}, epoch=1)
+    ref = DQFormerEngine(EngineCfg(checkpoint=ckpt))
+    trt_eng = DQFormerEngine(EngineCfg(checkpoint=ckpt, backend="tensorrt", device="cuda:0",
+                                       engines_dir=engines_dir))
+    assert trt_eng.version == f"{ref.version}-trtfp16"
+    ims = [np.random.default_rng(i).integers(0, 255, (160, 200, 3), dtype=np.uint8) for i in range(3)]
+    metas = [FrameMeta(i, 0.0, "cam", 160, 200) for i in range(3)]
+    for want, got in zip(ref.infer(ims, metas), trt_eng.infer(ims, metas)):
+        assert np.abs(got.score_map - want.score_map).max() < 2e-2
+
+
 def test_int8_plan_from_a_replay_folder(engines_dir, tmp_path, module):
     from PIL import Image
 

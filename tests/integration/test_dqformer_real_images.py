@@ -86,6 +86,56 @@ def test_engine_from_config_inspects_real_frames(tiny_ckpt):
     assert eng.sentences(imgs[1], "tile_bh")[0].startswith("a blowhole on the ")
 
 
+def test_onnxruntime_backend_matches_torch_on_real_frames(tiny_ckpt, tmp_path):
+    """backend = onnxruntime exports the checkpoint into engines_dir on first start, reuses the
+    export while the checkpoint is unchanged, exports again when it changes, and gives the torch
+    engine's probabilities and masks on real frames."""
+    import shutil
+
+    ckpt = tmp_path / "run" / "last.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_ckpt, ckpt)
+
+    def engine(backend: str):
+        return create_engine(Config.model_validate({"engine": {
+            "kind": "dqformer", "checkpoint": str(ckpt), "threads": 1, "backend": backend,
+            "engines_dir": str(tmp_path / "engines")}}).engine)
+
+    ref, ort_eng = engine("torch"), engine("onnxruntime")
+    exported = sorted((tmp_path / "engines").glob("*.onnx"))
+    assert [p.name for p in exported] == ["dqformer-run-last.onnx"]
+    assert ort_eng.version == f"{ref.version}-ort"
+    imgs = [f[0] for f in _real_frames("blowhole", 2) + _real_frames("free", 1)]
+    metas = [_meta(im, i) for i, im in enumerate(imgs)]
+    for want, got in zip(ref.infer(imgs, metas), ort_eng.infer(imgs, metas)):
+        assert np.abs(got.score_map - want.score_map).max() < 1e-3
+        undecided = np.abs(want.score_map - 0.5) < 1e-3  # where a rounding difference may flip the choice
+        assert np.array_equal(got.mask & ~undecided, want.mask & ~undecided)
+        assert got.image_score == pytest.approx(want.image_score, abs=1e-3)
+
+    stamp = exported[0].stat().st_mtime_ns
+    engine("onnxruntime")  # unchanged checkpoint: the export is reused
+    assert exported[0].stat().st_mtime_ns == stamp
+    blob = torch.load(ckpt, weights_only=False)
+    blob["epoch"] = blob.get("epoch", 0) + 1  # a new checkpoint file (same weights)
+    torch.save(blob, ckpt)
+    again = engine("onnxruntime")
+    assert exported[0].stat().st_mtime_ns != stamp and again.version.endswith("-ort")
+    assert again.version != ort_eng.version  # the new file's digest
+
+
+def test_tensorrt_backend_without_its_packages_is_refused(tiny_ckpt, tmp_path):
+    from linewatch.engines import EngineUnavailable
+    from linewatch.runtime import backend_problem
+
+    if backend_problem("tensorrt") is None:
+        pytest.skip("TensorRT is installed here: tests/gpu/ covers that backend")
+    cfg = Config.model_validate({"engine": {"kind": "dqformer", "checkpoint": str(tiny_ckpt),
+                                            "backend": "tensorrt", "engines_dir": str(tmp_path)}}).engine
+    with pytest.raises(EngineUnavailable, match="tensorrt"):
+        create_engine(cfg)
+
+
 def test_daemon_replays_real_images_with_the_dqformer_engine(tiny_ckpt, tmp_path):
     from linewatch.daemon import Daemon
     from linewatch.store import query

@@ -133,6 +133,11 @@ def test_tensorrt_backend_without_tensorrt_is_a_one_line_error(tmp_path):
     assert len(err.value.lines) == 1
     line = err.value.lines[0]
     assert "c.toml:3" in line and "engine.backend" in line and "'tensorrt'" in line
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(b"only its existence is checked here")
+    with pytest.raises(ConfigError) as err:  # the DQFormer engine's backend is checked the same way
+        parse(f'[engine]\nkind = "dqformer"\ncheckpoint = "{ckpt}"\nbackend = "tensorrt"\n', tmp_path / "d.toml")
+    assert len(err.value.lines) == 1 and "d.toml:4: engine.backend = 'tensorrt'" in err.value.lines[0]
 
 
 def test_torch_and_onnxruntime_need_nothing_extra_here():
