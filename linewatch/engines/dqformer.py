@@ -72,7 +72,8 @@ class DQFormerEngine:
             if cfg.backend != "torch":  # the checkpoint exported (and built) for that backend
                 from ..runtime import create_dqformer_runner
 
-                segmenter.runner, tag = create_dqformer_runner(cfg)
+                runner, tag = create_dqformer_runner(cfg)
+                segmenter.use_runner(runner)
                 self.version = f"{self.version}-{tag}"
         else:
             self.version = getattr(segmenter, "version", "") or "dqformer-custom"

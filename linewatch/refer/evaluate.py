@@ -66,7 +66,8 @@ def wrong_sentence(kind: str, kinds: dict[str, list[str]]) -> str | None:
 @torch.no_grad()
 def predict_masks(model: DQFormer, text: TextEncoder, images: list[np.ndarray],
                   sentences: list[str], device: torch.device, batch_size: int = 16) -> list[np.ndarray]:
-    """Masks (bool, at the images' size, which must be the model's image_hw) for image/sentence pairs."""
+    """Masks (bool, at the images' size, which must be the model's image_hw) for image/sentence pairs.
+    ``model`` may also be a checkpoint's export on another backend (``predict.ExportedModel``)."""
     model.eval()
     out: list[np.ndarray] = []
     for a in range(0, len(images), batch_size):
@@ -146,6 +147,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split seed when --data is a name (default: the seed the checkpoint was "
                              "trained with, so that its test split holds no training image)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                        help="run the checkpoint as the daemon's [engine] backend does: onnxruntime and "
+                             "tensorrt export it into --engines-dir first (and build a plan), so the "
+                             "figures are those of the graph that is deployed")
+    parser.add_argument("--engines-dir", type=Path, default=Path("engines"))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the metrics here")
     parser.add_argument("--iap-template", default=None,
@@ -177,9 +183,20 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise rdata.ReferDataError(f"the {args.split} split of {args.data} is empty: nothing to evaluate")
     text = TextEncoder(max_tokens=model.config.max_tokens)
-    metrics = evaluate(model, text, items, doc["kind_sentences"], args.device, batch_size=args.batch_size)
+    net, device = model, args.device
+    backend = getattr(args, "backend", "torch")
+    if backend != "torch":
+        from ..config import DQFormerEngine
+        from ..refer.predict import ExportedModel
+        from ..runtime import create_dqformer_runner
+
+        runner, _ = create_dqformer_runner(DQFormerEngine(checkpoint=args.ckpt, backend=backend, device=args.device,
+                                                          engines_dir=args.engines_dir))
+        net, device = ExportedModel(runner), "cpu"  # the backend places its own inputs
+    metrics = evaluate(net, text, items, doc["kind_sentences"], device, batch_size=args.batch_size)
+    metrics["backend"] = backend
     if getattr(args, "iap_template", None):
-        metrics.update(evaluate_iap(model, text, items, args.iap_template, args.iap_product, args.device,
+        metrics.update(evaluate_iap(net, text, items, args.iap_template, args.iap_product, device,
                                     batch_size=args.batch_size))
     out = json.dumps(metrics, indent=1)
     print(out)
@@ -188,8 +205,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "figure", None):
         from .figure import sentence_figure
 
-        sentence_figure(model, text, items, doc["kind_sentences"], args.figure, metrics=metrics,
-                        device=args.device)
+        sentence_figure(net, text, items, doc["kind_sentences"], args.figure, metrics=metrics, device=device)
         print(f"figure: {args.figure}", file=sys.stderr)
     return 0
 

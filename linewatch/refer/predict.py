@@ -36,19 +36,25 @@ class ReferringSegmenter:
     Images are resized to the model's ``image_hw``; outputs are resized back (masks by nearest,
     probabilities bilinearly). The mask is the per-pixel argmax of the two query masks.
 
-    ``runner`` (optional): the model exported and loaded by another backend, anything whose
-    ``run({"image", "words", "word_mask", "sentence": numpy}) -> [logits]`` computes what
-    ``model`` does (``linewatch.runtime.create_dqformer_runner``: ONNX Runtime, TensorRT). The torch
-    model then only supplies its configuration.
+    ``runner`` (optional): the model exported and loaded by another backend (see
+    :class:`ExportedModel`); the torch model then only supplies its configuration.
     """
 
     def __init__(self, model: DQFormer, text: TextEncoder | None = None, device: str = "cpu",
                  version: str = "", runner=None):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         self.text = text or TextEncoder(max_tokens=model.config.max_tokens)
         self.version = version
-        self.runner = runner
+        self.use_runner(runner, device)
+
+    def use_runner(self, runner, device: str = "cpu") -> None:
+        """Run the model through ``runner`` from now on (None: the torch model on ``device``)."""
+        if runner is None:
+            self.device = torch.device(device)
+            self.net = self.model.to(self.device)
+        else:  # the backend places its own inputs: the tensors handed to it stay on the CPU
+            self.device = torch.device("cpu")
+            self.net = ExportedModel(runner)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, device: str = "cpu") -> "ReferringSegmenter":
@@ -64,15 +70,9 @@ class ReferringSegmenter:
             raise ValueError(f"{len(images)} images but {len(sentences)} sentences")
         h, w = self.model.config.image_hw
         batch = np.stack([_as_hwc(resize_uint8(_as_hwc(im), h, w)) for im in images])
-        x = preprocess(batch)
-        enc = self.text.encode(sentences)
-        if self.runner is not None:
-            logits = torch.from_numpy(self.runner.run({"image": x.numpy(), "words": enc.tokens.numpy(),
-                                                       "word_mask": enc.mask.numpy(),
-                                                       "sentence": enc.pooled.numpy()})[0])
-        else:
-            enc = enc.to(self.device)
-            logits = self.model(x.to(self.device), enc.tokens, enc.mask, enc.pooled)
+        x = preprocess(batch).to(self.device)
+        enc = self.text.encode(sentences).to(self.device)
+        logits = self.net(x, enc.tokens, enc.mask, enc.pooled)
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         out = []
         for i, im in enumerate(images):
@@ -87,6 +87,25 @@ class ReferringSegmenter:
     def predict(self, image: np.ndarray, sentence: str) -> np.ndarray:
         """Bool mask H x W (True = the defect the sentence describes) in ``image``'s grid."""
         return self.predict_batch([image], [sentence])[0].mask
+
+
+class ExportedModel:
+    """A DQFormer exported and loaded by another backend, called like the torch module:
+    ``(image, words, word_mask, sentence)`` CPU tensors -> logits (a CPU tensor). ``runner.run``
+    takes the export's named numpy inputs and returns its outputs
+    (``linewatch.runtime.create_dqformer_runner``: ONNX Runtime, TensorRT)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __call__(self, image: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
+                 sentence: torch.Tensor) -> torch.Tensor:
+        out = self.runner.run({"image": image.numpy(), "words": words.numpy(), "word_mask": word_mask.numpy(),
+                               "sentence": sentence.numpy()})[0]
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+    def eval(self) -> "ExportedModel":
+        return self  # an exported graph is always in inference mode
 
 
 def _as_hwc(image: np.ndarray) -> np.ndarray:

@@ -253,3 +253,25 @@ def test_eval_refuses_a_split_that_would_test_on_training_images(tiny_ckpt, caps
                               batch_size=4, json_out=None, iap_template=None, figure=None)
     assert rev.run(args) == 2
     assert "split of seed 0" in capsys.readouterr().err
+
+
+def test_eval_through_the_onnxruntime_backend_gives_the_torch_figures(tiny_ckpt, tmp_path, capsys):
+    """``linewatch train eval --backend onnxruntime`` measures the exported graph the daemon would
+    run; on the held-out split its figures equal the torch model's."""
+    import argparse
+    import json
+
+    from linewatch.refer import evaluate as rev
+
+    out = {}
+    for backend in ("torch", "onnxruntime"):
+        args = argparse.Namespace(ckpt=tiny_ckpt, data="magnetic_tile", split="test", seed=None, device="cpu",
+                                  batch_size=16, json_out=tmp_path / f"{backend}.json", iap_template=None,
+                                  figure=None, backend=backend, engines_dir=tmp_path / "engines")
+        assert rev.run(args) == 0
+        out[backend] = json.loads(args.json_out.read_text())
+    capsys.readouterr()
+    assert out["onnxruntime"]["backend"] == "onnxruntime" and list((tmp_path / "engines").glob("*.onnx"))
+    for key in ("kind", "universal", "wrong_kind"):
+        assert out["torch"][key]["n"] == out["onnxruntime"][key]["n"] > 0
+        assert out["onnxruntime"][key]["miou"] == pytest.approx(out["torch"][key]["miou"], abs=2e-3)
