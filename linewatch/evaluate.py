@@ -14,7 +14,12 @@ Methods:
   to finish before the next lot (the daemon uses whatever ARD is ready). ``--contaminate F`` makes
   a share F of every lot's pseudo-normal frames defective (chosen from the ground truth) to check
   that PGT tolerates defective "normal" frames. With ``refined``, ``coarse`` comes from the same
-  engine pass.
+  engine pass;
+- ``dqformer``: the DQFormer engine of the config named by ``--dqformer`` (its checkpoint, backend,
+  prompts and recipes, as the daemon would run it), frame by frame: its probability map and its
+  region score ``sum_i s_i * m_i``. A checkpoint knows the data set and split it was trained on;
+  its frames of that training split are left out of its figures (``held_out``), and the report
+  adds a table of every method on the same held-out frames, so the comparison is like for like.
 
 Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases and index.html to
 ``--out``. Pixel metrics are binned (see ``linewatch.metrics``). Where the data has several defect
@@ -50,7 +55,8 @@ from .models.backbone import preprocess, resize_uint8
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("floor", "coarse", "tier1", "refined")
+METHODS = ("floor", "coarse", "tier1", "refined", "dqformer")
+DEFAULT_METHODS = ("floor", "coarse", "tier1", "refined")  # dqformer needs --dqformer
 FLOOR_SIZE = 256
 FLOOR_TOPK = 0.3
 # where a false alarm lies: near a marked defect (within ``metrics.near_defect``: the halo a
@@ -95,6 +101,12 @@ class MethodResult:
     accumulator: mx.PixelAccumulator | None = None
     by_kind: dict[str, dict[str, float]] = field(default_factory=dict)  # defect kind -> metrics
     false_alarms: dict[str, dict[str, float]] = field(default_factory=dict)  # place -> figures
+    frames: list[int] | None = None  # the frames (indices in run order) its figures use; None = all
+    held_out: dict[str, float] = field(default_factory=dict)  # its metrics on the DQFormer's held-out frames
+
+    def used(self, n: int) -> np.ndarray:
+        """Indices of the frames this method's figures use, out of ``n``."""
+        return np.arange(n) if self.frames is None else np.asarray(self.frames, dtype=int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,8 +123,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config.toml whose [engine] and [inspect] sections are used")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/<data name>)")
     parser.add_argument("--limit-lots", type=int, default=0, help="only the first N lots (0 = all)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (dqformer needs --dqformer)")
+    parser.add_argument("--dqformer", type=Path, default=None, metavar="CONFIG",
+                        help="config.toml whose [engine] is kind = \"dqformer\" (checkpoint, backend, prompts, "
+                             "recipes; [lots] recipe names the frames' recipe): the dqformer method")
     parser.add_argument("--gallery", type=int, default=4, help="best and worst cases shown per method")
     parser.add_argument("--contaminate", type=float, default=None,
                         help="refined: make this share of each lot's pseudo-normal frames defective "
@@ -175,11 +190,28 @@ class ContaminatingSelector:
         return chosen
 
 
+def dqformer_training_images(checkpoint: Path) -> set[Path] | None:
+    """The images (resolved paths) of the training split a DQFormer checkpoint was trained on,
+    rebuilt from the data set name and split seed it records; None when it was trained on a
+    referring JSON file (the split cannot be rebuilt from the checkpoint alone)."""
+    from .refer import data as rdata
+
+    blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    name = blob.get("data_name", "") if isinstance(blob, dict) else ""
+    if name not in rdata.BUILDERS:
+        return None
+    seed = blob.get("split_seed") if blob.get("split_seed") is not None else blob.get("seed", 0)
+    doc = rdata.load(name, seed=int(seed))
+    return {Path(x["image"]).resolve() for x in doc["samples"] if x["split"] == "train"}
+
+
 def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_size: int = 4,
              progress: bool = True, refine_cfg=None, contaminate: float | None = None,
-             info: dict | None = None) -> tuple[dict[str, MethodResult], list[ds.Sample], list[np.ndarray]]:
+             info: dict | None = None, dqformer_cfg=None,
+             ) -> tuple[dict[str, MethodResult], list[ds.Sample], list[np.ndarray]]:
     """Run the lots through the methods; returns results, the samples and their GT masks in order.
-    ``info`` (a dict), when given, receives facts about the run (PGT rounds, pseudo-normal purity)."""
+    ``info`` (a dict), when given, receives facts about the run (PGT rounds, pseudo-normal purity).
+    ``dqformer_cfg``: a whole config whose engine is the DQFormer (method ``dqformer``)."""
     from tqdm import tqdm
 
     from .engines.base import Tier2Unavailable
@@ -189,6 +221,17 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
     results = {m: MethodResult(m) for m in methods}
     floor = FloorBaseline(engine_cfg.threads) if "floor" in methods else None
     engine = ZeroShotEngine(engine_cfg) if {"coarse", "tier1", "refined"} & set(methods) else None
+    dq, dq_train = None, None
+    if "dqformer" in methods:
+        if dqformer_cfg is None or dqformer_cfg.engine.kind != "dqformer":
+            raise ValueError("method dqformer needs a config whose [engine] kind is \"dqformer\" (--dqformer)")
+        from .engines import create_engine
+
+        dq = create_engine(dqformer_cfg.engine)
+        dq_train = dqformer_training_images(dqformer_cfg.engine.checkpoint)
+        if info is not None:
+            info["dqformer"] = {"version": dq.version, "training_split": "unknown" if dq_train is None else
+                                f"{len(dq_train)} images left out"}
     selector = None
     if engine is not None and "refined" in methods:
         from . import config as cfgmod
@@ -214,6 +257,16 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
                 results["floor"].maps.append(m.astype(np.float16))
                 results["floor"].scores.append(sc)
             results["floor"].seconds += time.perf_counter() - t0
+        if dq is not None:
+            t0 = time.perf_counter()
+            for s in range(0, len(images), batch_size):
+                batch = images[s:s + batch_size]
+                metas = [FrameMeta(frame_id + i, time.time(), "eval", im.shape[0], im.shape[1], lot_id=f"lot{k}",
+                                   recipe=dqformer_cfg.lots.recipe) for i, im in enumerate(batch)]
+                for o in dq.infer(batch, metas):
+                    results["dqformer"].maps.append(o.score_map.astype(np.float16))
+                    results["dqformer"].scores.append(o.image_score)
+            results["dqformer"].seconds += time.perf_counter() - t0
         if engine is not None:
             lot_id = f"lot{k}"
             lot_labels[lot_id] = [s.defective for s in lot]
@@ -268,24 +321,43 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
                          "pseudo_normals_seen": len(used), "contaminate": contaminate,
                          "last_round": r.last_report})
         engine.close()
+    if dq is not None:
+        dq.close()
+        if dq_train is not None:  # its training frames never count, in any table
+            held = [i for i, s in enumerate(order) if Path(s.image).resolve() not in dq_train]
+            if not held:
+                raise ValueError("every frame of this data set is in the DQFormer checkpoint's training split")
+            results["dqformer"].frames = held
     labels = np.array([s.defective for s in order])
     kinds = [s.kind for s in order]
     # the near-defect ring of each frame with a marked defect, computed once for all methods
     near = {i: mx.near_defect(g) for i, g in enumerate(masks) if g.any()}
+    held = results["dqformer"].frames if "dqformer" in results else None
     for r in results.values():
-        lo = float(min(m.min() for m in r.maps))
-        hi = float(max(m.max() for m in r.maps))
-        by_kind = {k: mx.PixelAccumulator(lo, hi) for k in dict.fromkeys(kinds)}
-        for i, (m, g, k) in enumerate(zip(r.maps, masks, kinds)):
-            by_kind[k].add(m.astype(np.float32), g, _places(g, bool(labels[i]), near.get(i)))
+        idx = r.used(len(order))
+        lo = float(min(r.maps[i].min() for i in idx))
+        hi = float(max(r.maps[i].max() for i in idx))
+        by_kind = {k: mx.PixelAccumulator(lo, hi) for k in dict.fromkeys(kinds[i] for i in idx)}
+        for i in idx:
+            by_kind[kinds[i]].add(r.maps[i].astype(np.float32), masks[i], _places(masks[i], bool(labels[i]), near.get(i)))
         acc = mx.PixelAccumulator(lo, hi)
         for a in by_kind.values():
             acc = acc.merged(a)
         r.accumulator = acc
-        r.metrics = {**acc.result(), **mx.image_metrics(labels, r.scores),
+        scores = [r.scores[i] for i in idx]
+        r.metrics = {**acc.result(), **mx.image_metrics(labels[idx], scores),
                      "seconds_per_image": r.seconds / max(len(order), 1)}
-        r.by_kind = _kind_metrics(by_kind, kinds, r.scores)
+        r.by_kind = _kind_metrics(by_kind, [kinds[i] for i in idx], scores)
         r.false_alarms = acc.false_alarms()
+        if held is not None:  # every method on the DQFormer's held-out frames: like for like
+            if r.frames == held:
+                r.held_out = dict(r.metrics)
+            else:
+                sub = mx.PixelAccumulator(lo, hi)
+                for i in held:
+                    sub.add(r.maps[i].astype(np.float32), masks[i])
+                r.held_out = {**sub.result(), **mx.image_metrics(labels[held], [r.scores[i] for i in held]),
+                              "seconds_per_image": r.metrics["seconds_per_image"]}
     return results, order, masks
 
 
@@ -321,15 +393,23 @@ def _kind_metrics(by_kind: dict[str, mx.PixelAccumulator], kinds: list[str],
 
 
 # ------------------------------------------------------------------------------- reports
-def metrics_table(results: dict[str, MethodResult]) -> str:
-    """Markdown table of the metrics, one row per method."""
+def metrics_table(results: dict[str, MethodResult], held_out: bool = False) -> str:
+    """Markdown table of the metrics, one row per method (``held_out``: on the DQFormer's held-out
+    frames; empty when there are none). A method whose figures leave frames out says how many."""
+    if held_out and not any(r.held_out for r in results.values()):
+        return ""
     head = "| method | " + " | ".join(METRIC_KEYS) + " | s/image |"
     sep = "|" + "---|" * (len(METRIC_KEYS) + 2)
     rows = [head, sep]
     for r in results.values():
-        cells = [f"{r.metrics[k]:.4f}" for k in METRIC_KEYS]
-        rows.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.metrics['seconds_per_image']:.3f} |")
+        m = r.held_out if held_out else r.metrics
+        cells = [f"{m[k]:.4f}" for k in METRIC_KEYS]
+        name = r.name if held_out or r.frames is None else f"{r.name} ({len(r.frames)} held-out frames)"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {m['seconds_per_image']:.3f} |")
     return "\n".join(rows)
+
+
+HELD_OUT_TITLE = "On the DQFormer checkpoint's held-out frames (every method, the same frames)"
 
 
 KIND_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
@@ -384,7 +464,8 @@ def _pr_plot(results: dict[str, MethodResult], labels: np.ndarray, path: Path) -
     for r in results.values():
         tp, fp = r.accumulator.counts()
         axes[0].plot(tp / tp[-1], tp / np.maximum(tp + fp, 1), label=f"{r.name} (AP {r.metrics['pixel_ap']:.3f})")
-        itp, ifp = mx._cumulative_counts(labels, np.asarray(r.scores))
+        idx = r.used(len(labels))
+        itp, ifp = mx._cumulative_counts(labels[idx], np.asarray(r.scores)[idx])
         axes[1].plot(itp / itp[-1], itp / (itp + ifp), label=f"{r.name} (AP {r.metrics['image_ap']:.3f})")
     for ax, title in zip(axes, ("pixel precision-recall", "image precision-recall")):
         ax.set_xlabel("recall")
@@ -418,12 +499,15 @@ def _gallery(results, order, masks, out: Path, n: int) -> dict[str, list[dict]]:
     for r in results.values():
         scores = np.asarray(r.scores)
         rank = scores.argsort().argsort() / max(len(scores) - 1, 1)  # 1 = highest score
-        bad = np.flatnonzero(labels)
-        good = np.flatnonzero(~labels)
+        used = np.zeros(len(labels), dtype=bool)
+        used[r.used(len(labels))] = True  # a method's left-out frames are never shown for it
+        bad = np.flatnonzero(labels & used)
+        good = np.flatnonzero(~labels & used)
         pick = [("best", i) for i in bad[np.argsort(-rank[bad])][:n]]
         pick += [("worst-missed", i) for i in bad[np.argsort(rank[bad])][:n]]
         pick += [("worst-false-alarm", i) for i in good[np.argsort(-rank[good])][:n]]
-        lo, hi = r.accumulator.lo, float(np.percentile(np.concatenate([m.ravel()[::97] for m in r.maps]), 99.9))
+        hi = float(np.percentile(np.concatenate([r.maps[i].ravel()[::97] for i in np.flatnonzero(used)]), 99.9))
+        lo = r.accumulator.lo
         folder = out / "gallery" / r.name
         folder.mkdir(parents=True, exist_ok=True)
         cases[r.name] = []
@@ -456,9 +540,14 @@ def _page_head(title: str) -> str:
             f"<h1>{html.escape(title)}</h1>")
 
 
-def _index_html(out: Path, title: str, table_md: str, kinds_md: str, alarms_md: str, cases) -> None:
-    parts = [_page_head(title) + _md_table_html(table_md),
-             "<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>"]
+def _index_html(out: Path, title: str, table_md: str, kinds_md: str, alarms_md: str, cases, held_md: str = "",
+                held_note: str = "") -> None:
+    parts = [_page_head(title) + _md_table_html(table_md)]
+    if held_md:
+        parts.append(f"<h2>{HELD_OUT_TITLE}</h2>" + _md_table_html(held_md))
+    if held_note:
+        parts.append(f"<p>{html.escape(held_note)}</p>")
+    parts.append("<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>")
     if kinds_md:
         parts.append("<h2>By defect kind</h2><p>Each kind's frames against all defect-free frames.</p>"
                      + _md_table_html(kinds_md))
@@ -494,7 +583,8 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
     info: dict = {}
     t_start = time.perf_counter()
     results, order, masks = evaluate(lots, methods, engine_cfg, batch_size, refine_cfg=refine_cfg,
-                                     contaminate=args.contaminate, info=info)
+                                     contaminate=args.contaminate, info=info,
+                                     dqformer_cfg=getattr(args, "dqformer_cfg", None))
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     labels = np.array([s.defective for s in order])
@@ -508,6 +598,14 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
                     f"(--contaminate {info['contaminate']}). Wall time {info['wall_s']} s.\n")
     kinds_md = kind_table(results)
     kinds_part = f"\n## By defect kind (its frames against all defect-free frames)\n\n{kinds_md}\n" if kinds_md else ""
+    held_md = metrics_table(results, held_out=True)
+    held_note = ("The DQFormer checkpoint was trained on a referring JSON file: its training split is unknown "
+                 "here, so its row may include frames it was trained on." if "dqformer" in results and not held_md
+                 else "")
+    if held_md:
+        kinds_part = f"\n## {HELD_OUT_TITLE}\n\n{held_md}\n" + kinds_part
+    elif held_note:
+        kinds_part = f"\n{held_note}\n" + kinds_part
     alarms_md = false_alarm_table(results)
     if alarms_md:
         kinds_part += f"\n## {FALSE_ALARM_TITLE}\n\n{FALSE_ALARM_NOTE}\n\n{alarms_md}\n"
@@ -520,12 +618,15 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
         "refine": refine_cfg.model_dump(mode="json") if "refined" in methods else None, "run": info,
         "methods": {r.name: r.metrics for r in results.values()},
         "by_kind": {r.name: r.by_kind for r in results.values() if r.by_kind},
-        "false_alarms": {r.name: r.false_alarms for r in results.values()}}, indent=2), encoding="utf-8")
+        "false_alarms": {r.name: r.false_alarms for r in results.values()},
+        "held_out": {r.name: r.held_out for r in results.values() if r.held_out}}, indent=2), encoding="utf-8")
     _pr_plot(results, labels, out / "pr_curve.png")
     cases = _gallery(results, order, masks, out, args.gallery)
-    _index_html(out, title, table, kinds_md, alarms_md, cases)
+    _index_html(out, title, table, kinds_md, alarms_md, cases, held_md, held_note)
     print(table)
-    for md in (kinds_md, alarms_md):
+    if held_note:
+        print(held_note)
+    for md in (held_md, kinds_md, alarms_md):
         if md:
             print(md)
     if info:
@@ -591,6 +692,19 @@ def run(args) -> int:
         categories[name] = lots
     engine_cfg, batch_size = _engine_config(args.config)
     refine_cfg = _refine_config(args.config)
+    args.dqformer_cfg = None
+    if "dqformer" in methods:
+        from . import config as cfgmod
+
+        if getattr(args, "dqformer", None) is None:
+            print("method dqformer needs --dqformer CONFIG (a config whose [engine] kind is \"dqformer\")")
+            return 2
+        args.dqformer_cfg = cfgmod.load_or_report(args.dqformer)
+        if args.dqformer_cfg is None:
+            return 2
+        if args.dqformer_cfg.engine.kind != "dqformer":
+            print(f"{args.dqformer}: [engine] kind = {args.dqformer_cfg.engine.kind!r}, not \"dqformer\"")
+            return 2
     out = args.out or Path("reports") / Path(args.data).name
     per_category = {}
     for name, lots in categories.items():

@@ -275,3 +275,51 @@ def test_eval_through_the_onnxruntime_backend_gives_the_torch_figures(tiny_ckpt,
     for key in ("kind", "universal", "wrong_kind"):
         assert out["torch"][key]["n"] == out["onnxruntime"][key]["n"] > 0
         assert out["onnxruntime"][key]["miou"] == pytest.approx(out["torch"][key]["miou"], abs=2e-3)
+
+
+def test_linewatch_eval_reports_dqformer_on_its_held_out_frames(tiny_ckpt, tmp_path, capsys):
+    """`linewatch eval --methods coarse,dqformer --dqformer CONFIG`: the DQFormer engine of that
+    config runs on every frame, its figures leave out the frames of the checkpoint's training
+    split, and a second table puts every method on those same held-out frames."""
+    import json
+
+    from linewatch import evaluate as ev
+    from linewatch.refer import data as rdata
+
+    train = {Path(x["image"]).resolve() for x in rdata.build_magnetic_tile(MT, seed=0)["samples"]
+             if x["split"] == "train"}
+    data = tmp_path / "mt"
+    picked = {"blowhole": [], "free": []}
+    for kind in picked:
+        frames = _real_frames(kind, 40)
+        for want_train in (True, False):  # three of each split per kind
+            picked[kind] += [p for _, _, p in frames if (p.resolve() in train) == want_train][:3]
+        (data / kind).mkdir(parents=True)
+        for p in picked[kind]:
+            (data / kind / p.name).symlink_to(p)
+            m = p.with_name(p.stem + "_mask.png")
+            if m.exists():
+                (data / kind / m.name).symlink_to(m)
+    cfg = tmp_path / "dq.toml"
+    cfg.write_text(f'[engine]\nkind = "dqformer"\ncheckpoint = "{tiny_ckpt}"\nthreads = 1\n'
+                   f'backend = "onnxruntime"\nengines_dir = "{tmp_path / "engines"}"\n')
+    parser = __import__("argparse").ArgumentParser()
+    ev.add_arguments(parser)
+    args = parser.parse_args([str(data), "--lots", "size", "--lot-size", "12", "--methods", "coarse,dqformer",
+                              "--dqformer", str(cfg), "--out", str(tmp_path / "rep"), "--gallery", "1"])
+    assert ev.run(args) == 0
+    capsys.readouterr()
+    rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    held = rep["held_out"]
+    assert set(held) == {"coarse", "dqformer"} and rep["run"]["dqformer"]["version"].endswith("-ort")
+    assert held["dqformer"] == rep["methods"]["dqformer"]  # its own figures are the held-out ones
+    assert held["coarse"] != rep["methods"]["coarse"]  # the coarse row over all 12 frames differs
+    md = (tmp_path / "rep" / "metrics.md").read_text()
+    assert "dqformer (6 held-out frames)" in md and ev.HELD_OUT_TITLE in md
+    shown = {p.name.split("_", 2)[2].rsplit("_", 1)[0] for p in (tmp_path / "rep" / "gallery" / "dqformer").glob("*_image.png")}
+    assert shown and all((data / k / f"{stem}.jpg").resolve() not in train
+                         for stem in shown for k in picked if (data / k / f"{stem}.jpg").exists())
+
+    with_bad_cfg = parser.parse_args([str(data), "--methods", "dqformer"])
+    assert ev.run(with_bad_cfg) == 2  # no --dqformer: refused, with the reason
+    assert "--dqformer" in capsys.readouterr().out
