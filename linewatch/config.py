@@ -263,6 +263,13 @@ class DQFormerEngine(Strict):
         "recipes.tile_a = { product = \"magnetic tile\", material = \"ferrite\" }.",
         default_factory=dict)
 
+    @model_validator(mode="after")
+    def _tensorrt_on_a_gpu(self) -> "DQFormerEngine":
+        if self.backend == "tensorrt" and not self.device.startswith("cuda"):
+            raise ValueError(f"backend tensorrt runs on a GPU: set device = \"cuda\" or \"cuda:<index>\" "
+                             f"(not {self.device!r})")
+        return self
+
 
 class ClipEngine(Strict):
     """CLIP-style zero-shot: similarity of patch embeddings to normal vs anomalous prompts."""

@@ -197,7 +197,7 @@ class Daemon:
 
     def _make_engine(self, cfg: Config, src: Source) -> Engine:
         try:
-            engine = create_engine(cfg.engine)
+            engine = create_engine(cfg.engine, batch_size=cfg.inspect.batch_size)
             engine.warmup(src.height, src.width, src.channels)
             if cfg.refine.enabled and hasattr(engine, "enable_refinement"):
                 # tier-2 AnoRefiner; each ARD version is recorded with the lot it was trained on

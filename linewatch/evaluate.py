@@ -17,9 +17,9 @@ Methods:
   engine pass;
 - ``dqformer``: the DQFormer engine of the config named by ``--dqformer`` (its checkpoint, backend,
   prompts and recipes, as the daemon would run it), frame by frame: its probability map and its
-  region score ``sum_i s_i * m_i``. A checkpoint knows the data set and split it was trained on;
-  its frames of that training split are left out of its figures (``held_out``), and the report
-  adds a table of every method on the same held-out frames, so the comparison is like for like.
+  region score ``sum_i s_i * m_i``. A checkpoint records the images it was trained on; those
+  frames are left out of its figures (``held_out``), and the report adds a table of every method
+  on the same held-out frames, so the comparison is like for like.
 
 Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases and index.html to
 ``--out``. Pixel metrics are binned (see ``linewatch.metrics``). Where the data has several defect
@@ -190,19 +190,20 @@ class ContaminatingSelector:
         return chosen
 
 
-def dqformer_training_images(checkpoint: Path) -> set[Path] | None:
-    """The images (resolved paths) of the training split a DQFormer checkpoint was trained on,
-    rebuilt from the data set name and split seed it records; None when it was trained on a
-    referring JSON file (the split cannot be rebuilt from the checkpoint alone)."""
-    from .refer import data as rdata
+def image_key(path: Path | str) -> tuple[str, str]:
+    """How a training image is recognised in an evaluated data set: its folder and file name (the
+    data set may be a copy in another place; within every supported layout the pair is unique)."""
+    p = Path(path)
+    return p.parent.name, p.name
 
+
+def dqformer_training_images(checkpoint: Path) -> set[tuple[str, str]] | None:
+    """The ``image_key`` of every image a DQFormer checkpoint was trained on, from the list
+    `linewatch train dqformer` records in it; None for a checkpoint without that list (written
+    before it was recorded): its training images cannot be told apart."""
     blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    name = blob.get("data_name", "") if isinstance(blob, dict) else ""
-    if name not in rdata.BUILDERS:
-        return None
-    seed = blob.get("split_seed") if blob.get("split_seed") is not None else blob.get("seed", 0)
-    doc = rdata.load(name, seed=int(seed))
-    return {Path(x["image"]).resolve() for x in doc["samples"] if x["split"] == "train"}
+    paths = blob.get("train_images") if isinstance(blob, dict) else None
+    return None if paths is None else {image_key(p) for p in paths}
 
 
 def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_size: int = 4,
@@ -230,8 +231,7 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
         dq = create_engine(dqformer_cfg.engine)
         dq_train = dqformer_training_images(dqformer_cfg.engine.checkpoint)
         if info is not None:
-            info["dqformer"] = {"version": dq.version, "training_split": "unknown" if dq_train is None else
-                                f"{len(dq_train)} images left out"}
+            info["dqformer"] = {"version": dq.version, "training_images": None if dq_train is None else len(dq_train)}
     selector = None
     if engine is not None and "refined" in methods:
         from . import config as cfgmod
@@ -324,10 +324,15 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
     if dq is not None:
         dq.close()
         if dq_train is not None:  # its training frames never count, in any table
-            held = [i for i, s in enumerate(order) if Path(s.image).resolve() not in dq_train]
-            if not held:
-                raise ValueError("every frame of this data set is in the DQFormer checkpoint's training split")
+            held = [i for i, s in enumerate(order) if image_key(s.image) not in dq_train]
+            kinds_held = {bool(s.defective) for s in (order[i] for i in held)}
+            if kinds_held != {False, True} or not any(masks[i].any() for i in held):
+                raise ValueError(f"the DQFormer checkpoint's held-out frames ({len(held)} of {len(order)}, the "
+                                 f"rest in its training split) need defective frames with marked pixels and "
+                                 f"defect-free frames: evaluate more of the data set")
             results["dqformer"].frames = held
+            if info is not None:
+                info["dqformer"]["left_out"] = len(order) - len(held)
     labels = np.array([s.defective for s in order])
     kinds = [s.kind for s in order]
     # the near-defect ring of each frame with a marked defect, computed once for all methods
@@ -599,8 +604,8 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
     kinds_md = kind_table(results)
     kinds_part = f"\n## By defect kind (its frames against all defect-free frames)\n\n{kinds_md}\n" if kinds_md else ""
     held_md = metrics_table(results, held_out=True)
-    held_note = ("The DQFormer checkpoint was trained on a referring JSON file: its training split is unknown "
-                 "here, so its row may include frames it was trained on." if "dqformer" in results and not held_md
+    held_note = ("The DQFormer checkpoint records no list of its training images (written before it was "
+                 "recorded): its row may include frames it was trained on." if "dqformer" in results and not held_md
                  else "")
     if held_md:
         kinds_part = f"\n## {HELD_OUT_TITLE}\n\n{held_md}\n" + kinds_part
@@ -626,7 +631,9 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
     print(table)
     if held_note:
         print(held_note)
-    for md in (held_md, kinds_md, alarms_md):
+    if held_md:
+        print(f"{HELD_OUT_TITLE}:\n{held_md}")
+    for md in (kinds_md, alarms_md):
         if md:
             print(md)
     if info:

@@ -47,12 +47,13 @@ class DQFormerEngine:
 
     ``segmenter`` may be given (tests); otherwise the checkpoint named in config is loaded and a
     missing file raises :class:`EngineUnavailable` with a one-line message. On backend onnxruntime
-    or tensorrt the segmenter runs the checkpoint's export (``linewatch.runtime``); a backend that
-    cannot run here (missing packages, an unwritable engines_dir) raises ``BackendUnavailable``,
-    an ``EngineUnavailable``.
+    or tensorrt the segmenter runs the checkpoint's export (``linewatch.runtime``; a TensorRT plan
+    is optimised for ``batch_size``, the inspector's batch); a backend that cannot run here
+    (missing packages, an unwritable engines_dir) raises ``BackendUnavailable``, an
+    ``EngineUnavailable``.
     """
 
-    def __init__(self, cfg: DQFormerEngineConfig, segmenter=None):
+    def __init__(self, cfg: DQFormerEngineConfig, segmenter=None, *, batch_size: int = 4):
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -64,7 +65,9 @@ class DQFormerEngine:
             from ..refer.predict import ReferringSegmenter
 
             try:
-                segmenter = ReferringSegmenter.from_checkpoint(path, device=cfg.device)
+                # another backend runs the export: the torch model only gives its configuration
+                segmenter = ReferringSegmenter.from_checkpoint(path, device=cfg.device if cfg.backend == "torch"
+                                                               else "cpu")
             except (ValueError, KeyError, RuntimeError, AttributeError, EOFError, OSError,
                     pickle.UnpicklingError) as exc:  # wrong format, truncated file, mismatched weights
                 raise EngineUnavailable(f"cannot load DQFormer checkpoint {path}: {exc}") from None
@@ -72,7 +75,7 @@ class DQFormerEngine:
             if cfg.backend != "torch":  # the checkpoint exported (and built) for that backend
                 from ..runtime import create_dqformer_runner
 
-                runner, tag = create_dqformer_runner(cfg)
+                runner, tag = create_dqformer_runner(cfg, batch_size=batch_size)
                 segmenter.use_runner(runner)
                 self.version = f"{self.version}-{tag}"
         else:
@@ -94,7 +97,7 @@ class DQFormerEngine:
         if pc.image_tags:
             # measured as in training and evaluation: on the image at the model's input size
             # (texture and orientation depend on the scale they are measured at)
-            hw = getattr(getattr(getattr(self.segmenter, "model", None), "config", None), "image_hw", None)
+            hw = getattr(getattr(self.segmenter, "config", None), "image_hw", None)
             tags = measure_tags(resize_uint8(image, *hw) if hw else image)
         return compose(pc.templates, pc.defects, pc.product, pc.material, tags)
 

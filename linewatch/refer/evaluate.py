@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models.dqformer import load_checkpoint
 
     model, blob = load_checkpoint(args.ckpt)
-    model.to(args.device)
+    if getattr(args, "backend", "torch") == "torch":  # otherwise the export runs; the model gives its config
+        model.to(args.device)
     # the split the checkpoint was trained on (older checkpoints: the training seed, which the
     # training command also uses for the split)
     trained_seed = int(blob.get("split_seed") if blob.get("split_seed") is not None else blob.get("seed", 0))

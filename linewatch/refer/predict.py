@@ -43,18 +43,21 @@ class ReferringSegmenter:
     def __init__(self, model: DQFormer, text: TextEncoder | None = None, device: str = "cpu",
                  version: str = "", runner=None):
         self.model = model.eval()
+        self.config = model.config
         self.text = text or TextEncoder(max_tokens=model.config.max_tokens)
         self.version = version
         self.use_runner(runner, device)
 
     def use_runner(self, runner, device: str = "cpu") -> None:
-        """Run the model through ``runner`` from now on (None: the torch model on ``device``)."""
+        """Run the model through ``runner`` from now on (None: the torch model on ``device``).
+        With a runner the torch weights are released: only the model's configuration is kept."""
         if runner is None:
             self.device = torch.device(device)
             self.net = self.model.to(self.device)
         else:  # the backend places its own inputs: the tensors handed to it stay on the CPU
             self.device = torch.device("cpu")
             self.net = ExportedModel(runner)
+            self.model = None
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, device: str = "cpu") -> "ReferringSegmenter":
@@ -68,7 +71,7 @@ class ReferringSegmenter:
         """One sentence per image; images uint8 H x W x C (C = 1 or 3), sizes may differ."""
         if len(images) != len(sentences):
             raise ValueError(f"{len(images)} images but {len(sentences)} sentences")
-        h, w = self.model.config.image_hw
+        h, w = self.config.image_hw
         batch = np.stack([_as_hwc(resize_uint8(_as_hwc(im), h, w)) for im in images])
         x = preprocess(batch).to(self.device)
         enc = self.text.encode(sentences).to(self.device)

@@ -117,6 +117,8 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     t0 = time.monotonic()
     train_items = rdata.load_items(doc, "train", config.image_hw)
+    # recorded in the checkpoint: an evaluation of the checkpoint leaves these images out
+    train_paths = sorted({it.path for it in train_items})
     test_items = rdata.load_items(doc, "test", config.image_hw)
     if not train_items:
         raise rdata.ReferDataError("no training samples in the data document")
@@ -205,7 +207,8 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
         logger.info("epoch %d: loss %.4f (%.0f s)", epoch + 1, rec["loss"], rec["elapsed_s"])
         save_checkpoint(ckpt_path, model, TEXT_MODEL_NAME, {"history": history}, epoch=epoch + 1,
                         history=history, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        data_name=doc.get("name", ""), seed=seed, split_seed=doc.get("seed"))
+                        data_name=doc.get("name", ""), seed=seed, split_seed=doc.get("seed"),
+                        train_images=train_paths)
         if max_steps and step >= max_steps:
             break
     if test_items:
@@ -217,7 +220,8 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
     save_checkpoint(ckpt_path, model, TEXT_MODEL_NAME, {"history": history, "final": final},
                     epoch=history[-1]["epoch"] if history else 0, history=history,
                     optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                    data_name=doc.get("name", ""), seed=seed, split_seed=doc.get("seed"))
+                    data_name=doc.get("name", ""), seed=seed, split_seed=doc.get("seed"),
+                    train_images=train_paths)
     (out_dir / "metrics.json").write_text(json.dumps({"history": history, "final": final}, indent=1),
                                           encoding="utf-8")
     return {"losses": losses, "eval": final, "history": history}

@@ -87,8 +87,10 @@ def create_extractor(cfg, *, batch_size: int = 4):
 
 def cuda_index(device: str) -> int:
     """The GPU index of a torch-style device string: "cuda" -> 0, "cuda:1" -> 1."""
-    _, _, index = device.partition(":")
+    kind, _, index = device.partition(":")
     try:
+        if kind != "cuda":
+            raise ValueError
         return int(index) if index else 0
     except ValueError:
         raise ValueError(f"device {device!r}: expected cuda or cuda:<index>") from None
@@ -98,8 +100,10 @@ def create_dqformer_runner(cfg, *, batch_size: int = 4):
     """(runner, tag) for a DQFormer engine config on backend onnxruntime or tensorrt: ``runner.run``
     takes the named numpy inputs of the exported graph (image, words, word_mask, sentence) and
     returns [logits]; ``tag`` names the backend in the engine's version ("ort", "trtfp16")."""
+    from .models import dqformer_params
+
     require_backend(cfg.backend)
-    params = {"checkpoint": str(cfg.checkpoint)}
+    params = dqformer_params(cfg.checkpoint)
     if cfg.backend == "onnxruntime":
         from .ort_backend import OrtRunner
 

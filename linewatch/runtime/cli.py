@@ -57,12 +57,12 @@ def _parse_params(items: list[str]) -> dict:
 
 def config_models(engine_cfg) -> list[tuple[str, dict]]:
     """(model, params) the config's engine section needs exported."""
-    from .models import zeroshot_params
+    from .models import dqformer_params, zeroshot_params
 
     if engine_cfg.kind == "zeroshot":
         return [("patch_features", zeroshot_params(engine_cfg))]
     if engine_cfg.kind == "dqformer":
-        return [("dqformer", {"checkpoint": str(engine_cfg.checkpoint)})]
+        return [("dqformer", dqformer_params(engine_cfg.checkpoint))]
     raise ValueError(f"engine kind {engine_cfg.kind!r} has no exportable model")
 
 

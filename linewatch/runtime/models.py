@@ -153,11 +153,19 @@ def _dq_hash(p: Params, module: nn.Module | None) -> str:
 
 
 def _dq_stem(p: Params) -> str:
-    # the checkpoint's folder and name: training writes last.pt into a folder per run, and two
-    # checkpoints sharing one file name must not take turns overwriting each other's export
+    # the checkpoint's folder, name and a short hash of its whole path: training writes last.pt
+    # into a folder per run, and two checkpoints must never take turns overwriting one export
+    if not p["checkpoint"]:
+        return f"dqformer-untrained{int(p['input_size'])}"
     ckpt = Path(p["checkpoint"])
-    tag = f"{ckpt.parent.name}-{ckpt.stem}".lstrip("-") if p["checkpoint"] else f"untrained{int(p['input_size'])}"
-    return f"dqformer-{tag}"
+    where = hashlib.sha256(str(ckpt).encode()).hexdigest()[:6]
+    return "-".join(x for x in ("dqformer", ckpt.parent.name, ckpt.stem, where) if x)
+
+
+def dqformer_params(checkpoint: Path | str) -> Params:
+    """Export parameters of a DQFormer checkpoint: its resolved path, so that every command naming
+    the same file (the daemon's config, `engines export`, `train eval --ckpt`) finds one export."""
+    return {"checkpoint": str(Path(checkpoint).resolve())}
 
 
 DQFORMER = ModelSpec(

@@ -314,8 +314,13 @@ class TrtRunner:
                   device: int = 0) -> tuple["TrtRunner", PlanKeyFields]:
         """A runner on ``model``'s plan for this GPU (exported and built first when needed),
         with the plan's key fields."""
-        plan, fields = ensure_plan(model, params, Path(engines_dir), opt_batch=opt_batch, precision=precision,
-                                   progress=False, device=device)
+        try:
+            plan, fields = ensure_plan(model, params, Path(engines_dir), opt_batch=opt_batch, precision=precision,
+                                       progress=False, device=device)
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"backend 'tensorrt': cannot export or build {model} in {engines_dir} ({exc}); run "
+                f"'linewatch engines build' as a user who can write there") from None
         return cls(plan, device=device, cuda_graphs=cuda_graphs), fields
 
     def _set_batch(self, n: int) -> None:

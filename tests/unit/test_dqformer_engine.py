@@ -152,7 +152,7 @@ def test_image_tags_are_measured_at_the_models_input_size_as_in_training():
     from linewatch.prompts import measure_tags
 
     seg = FakeSegmenter()
-    seg.model = SimpleNamespace(config=SimpleNamespace(image_hw=(32, 32)))
+    seg.config = SimpleNamespace(image_hw=(32, 32))  # what ReferringSegmenter exposes
     eng = DQFormerEngine(_cfg(prompts={"defects": ["a crack"], "templates": ["{defect} on the {brightness} {product}"]}),
                          segmenter=seg)
     stripes = np.zeros((256, 256, 1), np.uint8)

@@ -136,8 +136,12 @@ def test_tensorrt_backend_without_tensorrt_is_a_one_line_error(tmp_path):
     ckpt = tmp_path / "last.pt"
     ckpt.write_bytes(b"only its existence is checked here")
     with pytest.raises(ConfigError) as err:  # the DQFormer engine's backend is checked the same way
-        parse(f'[engine]\nkind = "dqformer"\ncheckpoint = "{ckpt}"\nbackend = "tensorrt"\n', tmp_path / "d.toml")
+        parse(f'[engine]\nkind = "dqformer"\ncheckpoint = "{ckpt}"\nbackend = "tensorrt"\ndevice = "cuda"\n',
+              tmp_path / "d.toml")
     assert len(err.value.lines) == 1 and "d.toml:4: engine.backend = 'tensorrt'" in err.value.lines[0]
+    with pytest.raises(ConfigError) as err:  # and TensorRT without a GPU device is refused by name
+        parse(f'[engine]\nkind = "dqformer"\ncheckpoint = "{ckpt}"\nbackend = "tensorrt"\n', tmp_path / "e.toml")
+    assert any("runs on a GPU" in line for line in err.value.lines)
 
 
 def test_torch_and_onnxruntime_need_nothing_extra_here():
