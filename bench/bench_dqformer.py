@@ -9,7 +9,8 @@ Without ``--checkpoint`` a seeded, untrained DQFormer of the default architectur
 written to a temporary folder: the speed does not depend on the weights. ``onnxruntime`` exports
 the checkpoint into a temporary engines folder first (outside the timed region). Backends are
 measured in turn, ``--rounds`` times, and the calls pooled, so a machine that slows down during
-the run slows every backend alike. Frames keep their own sizes (the engine resizes them).
+the run slows every backend alike. Frames keep their own sizes (the engine resizes them). Peak
+RSS is the process's, read after each backend started (so it includes the ones before it).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDQFormer engine tier 1 on {a.frames} real magnetic_tile frames (own sizes), batch {a.batch}, "
           f"threads {a.threads}, {a.rounds} rounds pooled; checkpoint {a.checkpoint or 'seeded, untrained'}; "
           f"latency per infer call")
-    print(f"{'backend':14s} {'frames/s':>9s} {'p50 ms':>9s} {'p99 ms':>9s} {'peak RSS MB':>12s} "
+    print(f"{'backend':14s} {'frames/s':>9s} {'p50 ms':>9s} {'p99 ms':>9s} {'peak RSS MB*':>12s} "
           f"{'start s':>8s} {'vs torch':>9s}  version")
     base = None
     for b in backends:
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = f"{fps / base:.2f}x" if base else "-"
         print(f"{b:14s} {fps:9.1f} {np.percentile(secs, 50) * 1e3:9.1f} {np.percentile(secs, 99) * 1e3:9.1f} "
               f"{rss[b][0]:12.0f} {rss[b][1]:8.1f} {speed:>9s}  {engines[b].version}")
+    print("* the process's peak after that backend started: it includes the backends above it")
     return 0
 
 

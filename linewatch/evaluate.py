@@ -422,14 +422,15 @@ KIND_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
 
 def kind_table(results: dict[str, MethodResult]) -> str:
     """Markdown table of the per-defect-kind metrics (empty when there are none)."""
-    kinds = next((list(r.by_kind) for r in results.values() if r.by_kind), [])
+    # every method's kinds: one that leaves frames out (dqformer) may lack a kind the others have
+    kinds = list(dict.fromkeys(k for r in results.values() for k in r.by_kind))
     if not kinds:
         return ""
     rows = ["| kind | frames | share of defect pixels | method | " + " | ".join(KIND_KEYS) + " |",
             "|" + "---|" * (len(KIND_KEYS) + 4)]
     for k in kinds:
         for r in results.values():
-            row = r.by_kind[k]
+            row = r.by_kind.get(k, {"frames": 0.0, "pixel_share": 0.0})
             cells = [f"{row[key]:.4f}" if key in row else "-" for key in KIND_KEYS]
             rows.append(f"| {k} | {int(row['frames'])} | {row['pixel_share']:.3f} | {r.name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -238,3 +238,16 @@ def test_non_finite_scores_are_an_error_not_a_rank():
     acc = metrics.PixelAccumulator(0.0, 1.0)
     with pytest.raises(ValueError, match="non-finite"):
         acc.add(np.array([[0.5, np.inf]], np.float32), np.array([[True, False]]))
+
+
+def test_kind_table_shows_a_kind_that_one_method_left_out():
+    """The dqformer method scores only its held-out frames, which may lack a kind the zero-shot
+    methods have: that kind's row for it says 0 frames and no figures (it once raised KeyError)."""
+    from linewatch.evaluate import MethodResult, kind_table
+
+    row = {"frames": 3.0, "pixel_share": 0.5, "pixel_auroc": 0.9, "pixel_ap": 0.2, "aupro": 0.8, "image_auroc": 0.7}
+    coarse = MethodResult("coarse", by_kind={"crack": row, "fray": row})
+    dq = MethodResult("dqformer", by_kind={"crack": row}, frames=[0, 1, 2])
+    lines = kind_table({"coarse": coarse, "dqformer": dq}).splitlines()
+    assert "| fray | 3 | 0.500 | coarse | 0.9000 | 0.2000 | 0.8000 | 0.7000 |" in lines
+    assert "| fray | 0 | 0.000 | dqformer | - | - | - | - |" in lines
