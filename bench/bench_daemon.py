@@ -78,7 +78,7 @@ def engine_alone(cfg, n: int) -> dict:
     stop = threading.Event()
     frames = [(f.image.copy(), f.meta) for f in src.frames(stop)]
     src.close()
-    engine = create_engine(cfg.engine)
+    engine = create_engine(cfg.engine, batch_size=cfg.inspect.batch_size)
     engine.warmup(src.height, src.width, src.channels)
     lot = cfg.lots.part_count
     batch = cfg.inspect.batch_size

@@ -461,8 +461,14 @@ class Daemon:
         """Start, serve until a stop request, shut down in order. Returns the exit code."""
         try:
             self._start()
-        except StartupError as exc:
-            logger.error("%s", exc)
+        except BaseException as exc:
+            # whatever stopped the start (a StartupError, or an error nobody foresaw): the bound
+            # sockets and open store are undone, else the ZeroMQ context's finaliser blocks on them
+            # and the process hangs instead of exiting with the error
+            if isinstance(exc, StartupError):
+                logger.error("%s", exc)
+            else:
+                logger.exception("start-up failed")
             self._teardown_partial()
             self.stopped.set()
             raise

@@ -228,7 +228,7 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
             raise ValueError("method dqformer needs a config whose [engine] kind is \"dqformer\" (--dqformer)")
         from .engines import create_engine
 
-        dq = create_engine(dqformer_cfg.engine)
+        dq = create_engine(dqformer_cfg.engine, batch_size=batch_size)
         dq_train = dqformer_training_images(dqformer_cfg.engine.checkpoint)
         if info is not None:
             info["dqformer"] = {"version": dq.version, "training_images": None if dq_train is None else len(dq_train)}

@@ -125,7 +125,34 @@ def test_an_engine_that_fails_to_warm_up_is_a_one_line_startup_error(tmp_path, m
         def close(self):
             pass
 
-    monkeypatch.setattr(dmod, "create_engine", lambda cfg: NoEncoder())
+    monkeypatch.setattr(dmod, "create_engine", lambda cfg, **kw: NoEncoder())
     cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 4})
     with pytest.raises(dmod.StartupError, match=r"^engine \(zeroshot\): OSError: sentence encoder files"):
         dmod.Daemon(cfg, None, install_signals=False).run()
+
+
+def test_an_unforeseen_start_up_error_still_releases_the_sockets(tmp_path, monkeypatch):
+    """An exception of no expected type during start-up propagates, but the bound sockets and the
+    store are undone first: the endpoints can be bound again at once, and the ZeroMQ context is
+    terminated (left open, its finaliser blocks on the bound sockets and the process never exits)."""
+    import zmq
+
+    from linewatch import daemon as dmod
+
+    def broken(cfg, **kw):
+        raise TypeError("an engine factory with a bug")
+
+    monkeypatch.setattr(dmod, "create_engine", broken)
+    cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 4})
+    daemon = dmod.Daemon(cfg, None, install_signals=False)
+    with pytest.raises(TypeError, match="a bug"):
+        daemon.run()
+    assert daemon.stopped.is_set() and daemon.ctx.closed
+    ctx = zmq.Context()
+    try:
+        for endpoint in (cfg.publish.endpoint, cfg.publish.control_endpoint):
+            sock = ctx.socket(zmq.PUB)
+            sock.bind(endpoint)  # free again
+            sock.close(linger=0)
+    finally:
+        ctx.term()
