@@ -167,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"daemon benchmark, {dt.date.today().isoformat()}, {platform.node() or 'host'}: "
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, backend {args.backend}, synthetic {args.size}x{args.size}x3, "
-            f"{args.frames} frames per row, {args.config.name} (batch {cfg.inspect.batch_size}, "
-            f"lots of {cfg.lots.part_count}, tier 2: {cfg.engine.tier2_references} references, "
-            f"stride {cfg.engine.tier2_ref_stride})")
+            f"{args.frames} frames per row, {args.config.name} (engine {cfg.engine.kind}, batch "
+            f"{cfg.inspect.batch_size}, lots of {cfg.lots.part_count}"
+            + (f", tier 2: {cfg.engine.tier2_references} references, stride {cfg.engine.tier2_ref_stride})"
+               if cfg.engine.kind == "zeroshot" else ")"))
     lines = [head, "",
              "| run | frames/s | latency p50 ms | latency p99 ms | overhead ms/frame | dropped | unaccounted |",
              "|---|---:|---:|---:|---:|---:|---:|"]
