@@ -104,6 +104,11 @@ def test_onnxruntime_backend_matches_torch_on_real_frames(tiny_ckpt, tmp_path):
     ref, ort_eng = engine("torch"), engine("onnxruntime")
     exported = sorted((tmp_path / "engines").glob("*.onnx"))
     assert len(exported) == 1 and exported[0].name.startswith("dqformer-run-last-")
+    from linewatch.runtime.cli import config_models
+    from linewatch.runtime.export import check_onnx
+
+    ((model, params),) = config_models(ort_eng.cfg)  # what `linewatch engines export` would write
+    assert check_onnx(model, params, tmp_path / "engines") == (exported[0], None)  # the same, current file
     assert ort_eng.version == f"{ref.version}-ort"
     imgs = [f[0] for f in _real_frames("blowhole", 2) + _real_frames("free", 1)]
     metas = [_meta(im, i) for i, im in enumerate(imgs)]
