@@ -26,7 +26,7 @@ Writes metrics.md, metrics.json, pr_curve.png, a gallery of best and worst cases
 kinds (magnetic_tile, MVTec AD) the report also breaks the figures down by kind, each kind's frames
 against all defect-free frames, with the kind's share of the defect pixels: the pooled pixel-AP is
 decided by the kinds that cover the most pixels (on magnetic_tile, *uneven*). It also shows where
-each method's false alarms lie at its F1-max threshold (``FALSE_ALARM_PLACES``), with the pixel-AP
+each method's false alarms lie at its F1-max threshold (``eval_report.FALSE_ALARM_PLACES``), with the pixel-AP
 that suppressing each place's false alarms would reach: AnoRefiner's decoder trims the halo near a
 defect, so where that ceiling is low it has little to win (on magnetic_tile most false alarms are
 whole hot regions of defect-free frames). An MVTec AD root
@@ -38,7 +38,6 @@ summary table of every category and the mean over them at the top.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import logging
 import time
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from . import datasets as ds
+from . import eval_report as rep
 from . import metrics as mx
 from .models import zeroshot as zs
 from .models.backbone import preprocess, resize_uint8
@@ -59,11 +59,6 @@ METHODS = ("floor", "coarse", "tier1", "refined", "dqformer")
 DEFAULT_METHODS = ("floor", "coarse", "tier1", "refined")  # dqformer needs --dqformer
 FLOOR_SIZE = 256
 FLOOR_TOPK = 0.3
-# where a false alarm lies: near a marked defect (within ``metrics.near_defect``: the halo a
-# patch-level map spreads around a defect, what AnoRefiner's decoder trims), elsewhere on a frame
-# with a defect, or on a defect-free frame
-FALSE_ALARM_PLACES = ("near_defect", "defective_frame", "good_frame")
-METRIC_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1max", "image_auroc", "image_ap", "image_f1max")
 
 
 class FloorBaseline:
@@ -367,7 +362,7 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
 
 
 def _places(mask: np.ndarray, defective: bool, near: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """A frame's normal pixels by where they lie (see ``FALSE_ALARM_PLACES``); ``near``: the
+    """A frame's normal pixels by where they lie (see ``eval_report.FALSE_ALARM_PLACES``); ``near``: the
     mask's ``metrics.near_defect`` when already computed."""
     if mask.any():
         near = mx.near_defect(mask) if near is None else near
@@ -397,179 +392,6 @@ def _kind_metrics(by_kind: dict[str, mx.PixelAccumulator], kinds: list[str],
     return out
 
 
-# ------------------------------------------------------------------------------- reports
-def metrics_table(results: dict[str, MethodResult], held_out: bool = False) -> str:
-    """Markdown table of the metrics, one row per method (``held_out``: on the DQFormer's held-out
-    frames; empty when there are none). A method whose figures leave frames out says how many."""
-    if held_out and not any(r.held_out for r in results.values()):
-        return ""
-    head = "| method | " + " | ".join(METRIC_KEYS) + " | s/image |"
-    sep = "|" + "---|" * (len(METRIC_KEYS) + 2)
-    rows = [head, sep]
-    for r in results.values():
-        m = r.held_out if held_out else r.metrics
-        cells = [f"{m[k]:.4f}" for k in METRIC_KEYS]
-        name = r.name if held_out or r.frames is None else f"{r.name} ({len(r.frames)} held-out frames)"
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {m['seconds_per_image']:.3f} |")
-    return "\n".join(rows)
-
-
-HELD_OUT_TITLE = "On the DQFormer checkpoint's held-out frames (every method, the same frames)"
-
-
-KIND_KEYS = ("pixel_auroc", "pixel_ap", "aupro", "image_auroc")
-
-
-def kind_table(results: dict[str, MethodResult]) -> str:
-    """Markdown table of the per-defect-kind metrics (empty when there are none)."""
-    # every method's kinds: one that leaves frames out (dqformer) may lack a kind the others have
-    kinds = list(dict.fromkeys(k for r in results.values() for k in r.by_kind))
-    if not kinds:
-        return ""
-    rows = ["| kind | frames | share of defect pixels | method | " + " | ".join(KIND_KEYS) + " |",
-            "|" + "---|" * (len(KIND_KEYS) + 4)]
-    for k in kinds:
-        for r in results.values():
-            row = r.by_kind.get(k, {"frames": 0.0, "pixel_share": 0.0})
-            cells = [f"{row[key]:.4f}" if key in row else "-" for key in KIND_KEYS]
-            rows.append(f"| {k} | {int(row['frames'])} | {row['pixel_share']:.3f} | {r.name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-FALSE_ALARM_TITLE = "Where the false alarms are"
-FALSE_ALARM_NOTE = ("Each cell: the share of the normal pixels scored at or above the method's F1-max "
-                    "threshold that lie there, and in brackets the pixel-AP if every false alarm there "
-                    "were suppressed (a ceiling). AnoRefiner's decoder can only trim the halo near a "
-                    "defect: where that ceiling is close to the pixel-AP, refinement has little to gain.")
-PLACE_LABELS = {"near_defect": "near a defect", "defective_frame": "elsewhere on defective frames",
-                "good_frame": "on defect-free frames"}
-
-
-def false_alarm_table(results: dict[str, MethodResult]) -> str:
-    """Markdown table of where each method's false alarms lie (empty when none was measured)."""
-    if not any(r.false_alarms for r in results.values()):
-        return ""
-    rows = ["| method | pixel-AP | " + " | ".join(PLACE_LABELS[p] for p in FALSE_ALARM_PLACES) + " |",
-            "|" + "---|" * (len(FALSE_ALARM_PLACES) + 2)]
-    for r in results.values():
-        cells = []
-        for p in FALSE_ALARM_PLACES:
-            fa = r.false_alarms.get(p)
-            cells.append(f"{100 * fa['share_at_f1max']:.0f} % ({fa['ap_without']:.4f})" if fa else "-")
-        rows.append(f"| {r.name} | {r.metrics['pixel_ap']:.4f} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def _pr_plot(results: dict[str, MethodResult], labels: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for r in results.values():
-        tp, fp = r.accumulator.counts()
-        axes[0].plot(tp / tp[-1], tp / np.maximum(tp + fp, 1), label=f"{r.name} (AP {r.metrics['pixel_ap']:.3f})")
-        idx = r.used(len(labels))
-        itp, ifp = mx._cumulative_counts(labels[idx], np.asarray(r.scores)[idx])
-        axes[1].plot(itp / itp[-1], itp / (itp + ifp), label=f"{r.name} (AP {r.metrics['image_ap']:.3f})")
-    for ax, title in zip(axes, ("pixel precision-recall", "image precision-recall")):
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_title(title)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.legend(loc="upper right")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _overlay(image: np.ndarray, score_map: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    from matplotlib import colormaps
-
-    norm = np.clip((score_map.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
-    heat = (colormaps["jet"](norm)[..., :3] * 255).astype(np.float32)
-    base = np.repeat(image[..., :1], 3, axis=2) if image.shape[2] == 1 else image
-    return (0.55 * base.astype(np.float32) + 0.45 * heat).astype(np.uint8)
-
-
-def _gallery(results, order, masks, out: Path, n: int) -> dict[str, list[dict]]:
-    """Best and worst cases per method: defective images ranked by the image-score rank, plus the
-    defect-free images that scored highest (false alarms)."""
-    from PIL import Image
-
-    labels = np.array([s.defective for s in order])
-    cases: dict[str, list[dict]] = {}
-    for r in results.values():
-        scores = np.asarray(r.scores)
-        rank = scores.argsort().argsort() / max(len(scores) - 1, 1)  # 1 = highest score
-        used = np.zeros(len(labels), dtype=bool)
-        used[r.used(len(labels))] = True  # a method's left-out frames are never shown for it
-        bad = np.flatnonzero(labels & used)
-        good = np.flatnonzero(~labels & used)
-        pick = [("best", i) for i in bad[np.argsort(-rank[bad])][:n]]
-        pick += [("worst-missed", i) for i in bad[np.argsort(rank[bad])][:n]]
-        pick += [("worst-false-alarm", i) for i in good[np.argsort(-rank[good])][:n]]
-        hi = float(np.percentile(np.concatenate([r.maps[i].ravel()[::97] for i in np.flatnonzero(used)]), 99.9))
-        lo = r.accumulator.lo
-        folder = out / "gallery" / r.name
-        folder.mkdir(parents=True, exist_ok=True)
-        cases[r.name] = []
-        for kind, i in pick:
-            s = order[i]
-            stem = f"{kind}_{s.group}_{s.image.parent.name}_{s.image.stem}"
-            img = ds.load_image(s.image, 3)
-            Image.fromarray(img).save(folder / f"{stem}_image.png")
-            Image.fromarray(masks[i].astype(np.uint8) * 255).save(folder / f"{stem}_gt.png")
-            Image.fromarray(_overlay(img, r.maps[i], lo, hi)).save(folder / f"{stem}_pred.png")
-            cases[r.name].append({"kind": kind, "image": str(s.image), "score": float(scores[i]),
-                                  "rank": float(rank[i]), "stem": f"gallery/{r.name}/{stem}"})
-    return cases
-
-
-def _md_table_html(md: str) -> str:
-    """A Markdown table as written by this module (``metrics_table`` and the others) as HTML."""
-    lines = [ln.strip().strip("|").split("|") for ln in md.splitlines() if not ln.startswith("|---")]
-    cells = [[html.escape(c.strip()) for c in ln] for ln in lines]
-    head = "".join(f"<th>{c}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _page_head(title: str) -> str:
-    """Start of a report page: title, styles and the heading."""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
-            "img{height:220px;margin:2px}table{border-collapse:collapse}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1>")
-
-
-def _index_html(out: Path, title: str, table_md: str, kinds_md: str, alarms_md: str, cases, held_md: str = "",
-                held_note: str = "") -> None:
-    parts = [_page_head(title) + _md_table_html(table_md)]
-    if held_md:
-        parts.append(f"<h2>{HELD_OUT_TITLE}</h2>" + _md_table_html(held_md))
-    if held_note:
-        parts.append(f"<p>{html.escape(held_note)}</p>")
-    parts.append("<h2>Precision-recall</h2><img src='pr_curve.png' style='height:auto;max-width:100%'>")
-    if kinds_md:
-        parts.append("<h2>By defect kind</h2><p>Each kind's frames against all defect-free frames.</p>"
-                     + _md_table_html(kinds_md))
-    if alarms_md:
-        parts.append(f"<h2>{FALSE_ALARM_TITLE}</h2><p>{html.escape(FALSE_ALARM_NOTE)}</p>" + _md_table_html(alarms_md))
-    for name, items in cases.items():
-        parts.append(f"<h2>Gallery: {html.escape(name)}</h2>")
-        for c in items:
-            parts.append(f"<div><b>{html.escape(c['kind'])}</b> {html.escape(c['image'])} score "
-                         f"{c['score']:.3f} (rank {c['rank']:.2f})<br>"
-                         + "".join(f"<img src='{html.escape(c['stem'])}_{p}.png' title='{p}'>"
-                                   for p in ("image", "gt", "pred")) + "</div>")
-    parts.append("</body></html>")
-    (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
-
-
 def _categories(samples: list[ds.Sample], layout: str) -> dict[str, list[ds.Sample]]:
     """The products evaluated apart: each MVTec AD category (its own lots, engine and PGT state,
     and its own figures, as the benchmark reports them); any other layout is one product."""
@@ -594,7 +416,7 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
     info["wall_s"] = round(time.perf_counter() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     labels = np.array([s.defective for s in order])
-    table = metrics_table(results)
+    table = rep.metrics_table(results)
     title = f"linewatch eval: {title} ({len(lots)} lots, {n_images} images, lots={args.lots})"
     run_line = ""
     if "pgt_rounds" in info:
@@ -602,19 +424,19 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
                     f"{info['pgt_seconds']} s waiting for PGT; share of defective frames among the "
                     f"pseudo-normals used: {info['pseudo_normal_defective_share']} "
                     f"(--contaminate {info['contaminate']}). Wall time {info['wall_s']} s.\n")
-    kinds_md = kind_table(results)
+    kinds_md = rep.kind_table(results)
     kinds_part = f"\n## By defect kind (its frames against all defect-free frames)\n\n{kinds_md}\n" if kinds_md else ""
-    held_md = metrics_table(results, held_out=True)
+    held_md = rep.metrics_table(results, held_out=True)
     held_note = ("The DQFormer checkpoint records no list of its training images (written before it was "
                  "recorded): its row may include frames it was trained on." if "dqformer" in results and not held_md
                  else "")
     if held_md:
-        kinds_part = f"\n## {HELD_OUT_TITLE}\n\n{held_md}\n" + kinds_part
+        kinds_part = f"\n## {rep.HELD_OUT_TITLE}\n\n{held_md}\n" + kinds_part
     elif held_note:
         kinds_part = f"\n{held_note}\n" + kinds_part
-    alarms_md = false_alarm_table(results)
+    alarms_md = rep.false_alarm_table(results)
     if alarms_md:
-        kinds_part += f"\n## {FALSE_ALARM_TITLE}\n\n{FALSE_ALARM_NOTE}\n\n{alarms_md}\n"
+        kinds_part += f"\n## {rep.FALSE_ALARM_TITLE}\n\n{rep.FALSE_ALARM_NOTE}\n\n{alarms_md}\n"
     (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nPixel metrics binned over "
                                     f"{mx.DEFAULT_BINS} score bins; AUPRO to FPR {mx.AUPRO_FPR_LIMIT}.\n"
                                     + run_line + kinds_part, encoding="utf-8")
@@ -626,14 +448,14 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
         "by_kind": {r.name: r.by_kind for r in results.values() if r.by_kind},
         "false_alarms": {r.name: r.false_alarms for r in results.values()},
         "held_out": {r.name: r.held_out for r in results.values() if r.held_out}}, indent=2), encoding="utf-8")
-    _pr_plot(results, labels, out / "pr_curve.png")
-    cases = _gallery(results, order, masks, out, args.gallery)
-    _index_html(out, title, table, kinds_md, alarms_md, cases, held_md, held_note)
+    rep.pr_plot(results, labels, out / "pr_curve.png")
+    cases = rep.gallery(results, order, masks, out, args.gallery)
+    rep.index_html(out, title, table, kinds_md, alarms_md, cases, held_md, held_note)
     print(table)
     if held_note:
         print(held_note)
     if held_md:
-        print(f"{HELD_OUT_TITLE}:\n{held_md}")
+        print(f"{rep.HELD_OUT_TITLE}:\n{held_md}")
     for md in (kinds_md, alarms_md):
         if md:
             print(md)
@@ -641,39 +463,6 @@ def _report(args, out: Path, title: str, lots, methods, engine_cfg, batch_size, 
         print("run:", json.dumps({k: v for k, v in info.items() if k != "last_round"}))
     print(f"report written to {out}/index.html")
     return {r.name: r.metrics for r in results.values()}
-
-
-def _category_means(per_category: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per method, the mean of each metric over the categories."""
-    methods = list(next(iter(per_category.values())))
-    return {m: {k: float(np.mean([per_category[c][m][k] for c in per_category])) for k in METRIC_KEYS}
-            for m in methods}
-
-
-def category_table(per_category: dict[str, dict[str, dict[str, float]]],
-                   mean: dict[str, dict[str, float]]) -> str:
-    """Markdown table: one row per category and method, then the mean over the categories."""
-    rows = ["| category | method | " + " | ".join(METRIC_KEYS) + " |", "|" + "---|" * (len(METRIC_KEYS) + 2)]
-    for cat, by_method in [*per_category.items(), (f"**mean of {len(per_category)}**", mean)]:
-        for m, row in by_method.items():
-            rows.append(f"| {cat} | {m} | " + " | ".join(f"{row[k]:.4f}" for k in METRIC_KEYS) + " |")
-    return "\n".join(rows)
-
-
-def _summary(out: Path, data: Path, per_category: dict[str, dict[str, dict[str, float]]]) -> None:
-    """The top-level report of a multi-category run: the category table and links to each report."""
-    mean = _category_means(per_category)
-    table = category_table(per_category, mean)
-    title = f"linewatch eval: {data} ({len(per_category)} categories, each evaluated apart)"
-    (out / "metrics.md").write_text(f"# {title}\n\n{table}\n\nEach category's own report: "
-                                    "<category>/metrics.md and <category>/index.html.\n", encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps({"data": str(data), "categories": per_category, "mean": mean},
-                                                 indent=2), encoding="utf-8")
-    links = "".join(f"<li><a href='{html.escape(c)}/index.html'>{html.escape(c)}</a></li>" for c in per_category)
-    (out / "index.html").write_text(_page_head(title) + _md_table_html(table)
-                                    + f"<h2>Categories</h2><ul>{links}</ul></body></html>", encoding="utf-8")
-    print(table)
-    print(f"summary written to {out}/index.html")
 
 
 def run(args) -> int:
@@ -720,7 +509,7 @@ def run(args) -> int:
         per_category[name] = _report(args, out / name if name else out, title, lots, methods, engine_cfg,
                                      batch_size, refine_cfg)
     if len(per_category) > 1 or "" not in per_category:
-        _summary(out, args.data, per_category)
+        rep.summary(out, args.data, per_category)
     return 0
 
 

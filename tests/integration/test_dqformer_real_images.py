@@ -289,6 +289,7 @@ def test_linewatch_eval_reports_dqformer_on_its_held_out_frames(tiny_ckpt, tmp_p
     import json
 
     from linewatch import evaluate as ev
+    from linewatch.eval_report import HELD_OUT_TITLE
 
     train = {Path(p).resolve() for p in torch.load(tiny_ckpt, weights_only=False)["train_images"]}
     data = tmp_path / "mt"
@@ -319,7 +320,7 @@ def test_linewatch_eval_reports_dqformer_on_its_held_out_frames(tiny_ckpt, tmp_p
     assert held["dqformer"] == rep["methods"]["dqformer"]  # its own figures are the held-out ones
     assert held["coarse"] != rep["methods"]["coarse"]  # the coarse row over every frame differs
     md = (tmp_path / "rep" / "metrics.md").read_text()
-    assert "dqformer (6 held-out frames)" in md and ev.HELD_OUT_TITLE in md
+    assert "dqformer (6 held-out frames)" in md and HELD_OUT_TITLE in md
     assert rep["run"]["dqformer"]["left_out"] == n_train
     shown = [f.name for f in (tmp_path / "rep" / "gallery" / "dqformer").glob("*_image.png")]
     frames = [p for ps in picked.values() for p in ps]

@@ -243,7 +243,8 @@ def test_non_finite_scores_are_an_error_not_a_rank():
 def test_kind_table_shows_a_kind_that_one_method_left_out():
     """The dqformer method scores only its held-out frames, which may lack a kind the zero-shot
     methods have: that kind's row for it says 0 frames and no figures (it once raised KeyError)."""
-    from linewatch.evaluate import MethodResult, kind_table
+    from linewatch.eval_report import kind_table
+    from linewatch.evaluate import MethodResult
 
     row = {"frames": 3.0, "pixel_share": 0.5, "pixel_auroc": 0.9, "pixel_ap": 0.2, "aupro": 0.8, "image_auroc": 0.7}
     coarse = MethodResult("coarse", by_kind={"crack": row, "fray": row})
