@@ -41,7 +41,11 @@ Structure (small enough to train on a CPU in seconds, following the AnoRefiner p
    ``peak_window`` lets a pixel fall at most by how far it lies below the highest coarse score in
    its neighbourhood: the halo around a hot spot can be trimmed, the inside of a large defect (as
    hot as its own peak, no local contrast) cannot be hollowed out, which is what cost
-   magnetic_tile's frays and breaks their pixel-AP (bench/RESULTS.md).
+   magnetic_tile's frays and breaks their pixel-AP (bench/RESULTS.md). It also caps a rise (where
+   ``raise_max`` allows one) at that same peak: inside a hot region the decoder may lift the parts
+   that look like the defect up to the region's own peak, never above it and never out of a cold
+   neighbourhood, so dark normal texture cannot climb above the defects it surrounds (raising
+   without this cap cost Kolektor pixel-AUROC).
    Training (``linewatch.refine.train``) ranks anomaly pixels against the hardest normal ones;
    the learned bias ``beta`` only serves the optional per-pixel loss and is left out of the map,
    so maps from ARD versions trained on different lots stay comparable.
@@ -180,8 +184,9 @@ class ARD(nn.Module):
         delta = self.delta_max * torch.tanh(h / self.delta_max)
         if self.raise_max < self.delta_max:
             delta = delta.clamp_max(self.raise_max)
-        if self.peak_window:
-            delta = torch.maximum(delta, z1 - _local_peak(z1, self.peak_window))
+        if self.peak_window:  # neither below nor above what the neighbourhood's peak allows
+            peak = _local_peak(z1, self.peak_window)
+            delta = torch.minimum(torch.maximum(delta, z1 - peak), peak - z1)
         if self.gate_units > 0:
             delta = delta * (z1 / self.gate_units).clamp(0.0, 1.0)
         return z1 + delta

@@ -248,6 +248,27 @@ def test_peak_window_never_hollows_out_a_plateau_but_trims_its_halo():
         ARD(feat_dim=12, width=8, peak_window=8)
 
 
+def test_peak_window_caps_a_rise_at_the_neighbourhood_peak():
+    """With raise_max > 0 the decoder may lift a pixel only up to the highest coarse score within
+    its window: the outskirts of a hot region may rise towards its peak, nothing rises above a
+    peak and a cold neighbourhood stays cold. (Uncapped rises let dark normal texture climb above
+    real defects: Kolektor pixel-AUROC fell below coarse.)"""
+    img, feat, _ = _inputs()
+    z = torch.zeros(2, 1, 8, 12)
+    z[..., 3:5, 4:6] = 3.0  # a small hot spot in a cold frame
+    ard = ARD(feat_dim=12, width=8, delta_max=2.0, raise_max=2.0, peak_window=9)
+    torch.nn.init.normal_(ard.head.weight, std=50.0)
+    with torch.inference_mode():
+        out = ard(img, feat, z)
+    up = torch.nn.functional.interpolate(z, size=(64, 96), mode="bilinear", align_corners=False)
+    peak = torch.nn.functional.max_pool2d(up, 9, stride=1, padding=4)
+    change = out - up
+    assert bool((out <= peak + 1e-5).all()) and float(out.max()) <= float(up.max()) + 1e-5
+    assert float(change[peak <= 1e-6].abs().max()) <= 1e-6  # cold neighbourhoods: untouched
+    outskirts = (up > 0.05) & (up < peak - 0.5)
+    assert float(change[outskirts].max()) > 0.2  # but the spot's outskirts do rise
+
+
 def test_config_refuses_an_even_peak_window():
     from linewatch.config import Config
 
