@@ -313,8 +313,8 @@ class RefineConfig(Strict):
     enabled: bool = restart("Refine tier-2 lot results with the ARD and train it on each lot (PGT). "
                             "Off: tier 2 publishes the coarse whole-lot maps. Off by default: it "
                             "sharpens thin defects on smooth surfaces (KolektorSDD pixel-AP 0.160 -> "
-                            "0.215 on average, pixel-AUROC above coarse) but gains nothing on textured "
-                            "magnetic_tile (0.099 -> 0.099); check a product with "
+                            "0.19-0.21, pixel-AUROC level with coarse) but gains nothing on textured "
+                            "magnetic_tile (0.099 -> 0.100-0.105); check a product with "
                             "`linewatch eval --methods coarse,refined` before enabling it.",
                             default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
@@ -358,9 +358,10 @@ class RefineConfig(Strict):
                                "rises above the highest coarse score around it, so the decoder can lift "
                                "the outskirts of a hot region towards its peak but cannot raise normal "
                                "texture out of a cold neighbourhood. 0 = it only lowers scores. Measured "
-                               "2026-12-01 (replays, 4 seeds): KolektorSDD pixel-AP 0.160 -> 0.215 with "
-                               "1.0 (pixel-AUROC above coarse on every seed) against 0.194 with 0; "
-                               "magnetic_tile 0.099 -> 0.099 against 0.103.", default=1.0, ge=0, le=10)
+                               "2026-12-01 (KolektorSDD replays): 1.0 gave pixel-AP 0.209-0.225 on 1 "
+                               "training thread against 0.192-0.197 with 0, but 0.199-0.200 on 2 threads "
+                               "against 0.203-0.206: within the spread of the training path, so 0 stays.",
+                               default=0.0, ge=0, le=10)
     peak_window_px: int = restart("A pixel is lowered at most by how far its coarse score lies below "
                                   "the highest one within this window (working-geometry pixels), so the "
                                   "inside of a large defect, as hot as its own peak, is never hollowed "
