@@ -123,6 +123,7 @@ class Daemon:
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self.started_at = time.time()
+        self._started: list[str] = []  # the threads _start has started, in order
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._pending: list[str] = []
@@ -180,11 +181,12 @@ class Daemon:
                                    self.dispatch.result, self.dispatch.lot_event)
         self.closer = LotCloser(lambda: self.inspector.engine, cfg.threshold, self.dispatch.ledger,
                                 self.dispatch.lot_closed)
-        self.publisher.start()
-        self.control.start()
-        self.closer.start()
-        self.inspector.start()
-        self._start_acquisition()
+        # threads from here on: a start that fails part-way stops the ones already running
+        for name, start in (("publisher", self.publisher.start), ("control", self.control.start),
+                            ("closer", self.closer.start), ("inspector", self.inspector.start),
+                            ("acquisition", self._start_acquisition)):
+            start()
+            self._started.append(name)
 
     def _open_source(self, cfg: Config) -> Source:
         try:
@@ -462,15 +464,19 @@ class Daemon:
         try:
             self._start()
         except BaseException as exc:
-            # whatever stopped the start (a StartupError, or an error nobody foresaw): the bound
-            # sockets and open store are undone, else the ZeroMQ context's finaliser blocks on them
+            # whatever stopped the start (a StartupError, Ctrl-C, an error nobody foresaw): what was
+            # started is undone, else the ZeroMQ context's finaliser blocks on the bound sockets
             # and the process hangs instead of exiting with the error
-            if isinstance(exc, StartupError):
-                logger.error("%s", exc)
+            if isinstance(exc, (StartupError, KeyboardInterrupt)):
+                logger.error("start-up stopped: %s", exc or type(exc).__name__)
             else:
                 logger.exception("start-up failed")
-            self._teardown_partial()
-            self.stopped.set()
+            try:
+                self._teardown_partial()
+            finally:
+                for fd in (self._wake_r, self._wake_w):
+                    os.close(fd)
+                self.stopped.set()
             raise
         old_handlers = self._install_signals()
         try:
@@ -566,21 +572,27 @@ class Daemon:
         logger.info("stopped: %s", {k: v for k, v in self.dispatch.verdicts.items()})
 
     def _teardown_partial(self) -> None:
-        """Undo a half-done start (bound sockets, open store) so the error is all that remains."""
-        for name in ("control", "publisher"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj._sock.close(linger=0)
-        src = getattr(self, "source", None)
-        if src is not None:
+        """Undo a half-done start so the error is all that remains: threads already started are
+        stopped (each closes its own socket), then the engine, source and store are closed and
+        the ZeroMQ context destroyed with every socket it still has. Each step is attempted even
+        when an earlier one fails, and none of their errors replaces the start-up error."""
+        started = set(self._started)
+        steps = [
+            ("acquisition", lambda: self._stop_acquisition(timeout_s=2.0) if "acquisition" in started else None),
+            ("inspector", lambda: self.inspector.stop(1.0) if "inspector" in started else None),
+            ("closer", lambda: self.closer.stop(1.0) if "closer" in started else None),
+            ("control", lambda: self.control.stop() if "control" in started else None),
+            ("publisher", lambda: self.publisher.stop(timeout_s=2.0) if "publisher" in started else None),
+            ("engine", lambda: getattr(self, "engine", None) and self.engine.close()),
+            # acquisition stopped above closes the source; a source opened but not yet read is closed here
+            ("source", lambda: getattr(self, "source", None) and "acquisition" not in started and self.source.close()),
+            ("store", lambda: getattr(self, "store", None) and self.store.started and self.store.stop(timeout_s=5.0)),
+            ("telemetry", self.telemetry.close),
+            # linger 0: sockets of stages that never started (or did not stop in time) are closed too
+            ("zeromq", lambda: getattr(self, "ctx", None) and self.ctx.destroy(linger=0)),
+        ]
+        for name, step in steps:
             try:
-                src.close()
-            except (SourceError, OSError):
-                pass
-        store = getattr(self, "store", None)
-        if store is not None and getattr(store, "started", False):
-            store.stop(timeout_s=5.0)
-        self.telemetry.close()
-        ctx = getattr(self, "ctx", None)
-        if ctx is not None:
-            ctx.term()
+                step()
+            except Exception as exc:  # noqa: BLE001 - the start-up error is the one to report
+                logger.warning("undoing the start: %s: %s: %s", name, type(exc).__name__, exc)

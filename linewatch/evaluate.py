@@ -216,7 +216,8 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
 
     results = {m: MethodResult(m) for m in methods}
     floor = FloorBaseline(engine_cfg.threads) if "floor" in methods else None
-    engine = ZeroShotEngine(engine_cfg) if {"coarse", "tier1", "refined"} & set(methods) else None
+    engine = (ZeroShotEngine(engine_cfg, batch_size=batch_size) if {"coarse", "tier1", "refined"} & set(methods)
+              else None)
     dq, dq_train = None, None
     if "dqformer" in methods:
         if dqformer_cfg is None or dqformer_cfg.engine.kind != "dqformer":

@@ -156,3 +156,27 @@ def test_an_unforeseen_start_up_error_still_releases_the_sockets(tmp_path, monke
             sock.close(linger=0)
     finally:
         ctx.term()
+
+
+def test_a_start_that_fails_after_its_threads_started_stops_them(tmp_path, monkeypatch):
+    """A failure once the publisher, control, lot-closer and inspector threads run (here: the
+    acquisition thread cannot start) stops those threads before the error propagates; closing
+    their sockets under them instead killed the control thread with 'Socket operation on
+    non-socket' and left four threads running, and the process aborted at exit."""
+    import threading
+
+    from linewatch import daemon as dmod
+
+    def no_acquisition(self):
+        raise RuntimeError("acquisition thread could not start")
+
+    monkeypatch.setattr(dmod.Daemon, "_start_acquisition", no_acquisition)
+    before = set(threading.enumerate())
+    cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 4})
+    daemon = dmod.Daemon(cfg, None, install_signals=False)
+    with pytest.raises(RuntimeError, match="could not start"):
+        daemon.run()
+    assert daemon._started == ["publisher", "control", "closer", "inspector"]
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], left
+    assert daemon.ctx.closed and daemon.stopped.is_set()
