@@ -184,11 +184,24 @@ DQFORMER = ModelSpec(
 
 
 # ----------------------------------------------------------------- AnoRefiner decoder (ARD)
+def _refine_bounds() -> Params:
+    """The ARD's fixed bounds at the shipped ``[refine]`` defaults (export parameters, so that an
+    export with other bounds is another, current file)."""
+    from ..config import RefineConfig
+
+    r = RefineConfig()
+    return {"delta_max": r.delta_max, "gate_units": r.gate_units, "raise_max": r.raise_max,
+            "peak_window": r.peak_window_px}
+
+
 def _ard_build(p: Params) -> nn.Module:
+    from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
     from ..models.ard import ARD
 
     torch.manual_seed(0)
-    model = ARD(int(p["feat_dim"]), int(p["width"]))
+    # the decoder as the daemon's Refiner builds it: the same skip blur and the same fixed bounds
+    model = ARD(int(p["feat_dim"]), int(p["width"]), skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=float(p["delta_max"]),
+                gate_units=float(p["gate_units"]), raise_max=float(p["raise_max"]), peak_window=int(p["peak_window"]))
     if p["checkpoint"]:
         state = torch.load(str(p["checkpoint"]), map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
@@ -225,7 +238,7 @@ ARD_SPEC = ModelSpec(
     version=lambda p, m: f"ard-{_ard_hash(p, m)}-d{int(p['feat_dim'])}-w{int(p['width'])}",
     stem=lambda p: (f"ard-{Path(p['checkpoint']).stem if p['checkpoint'] else 'untrained'}"
                     f"-d{int(p['feat_dim'])}-w{int(p['width'])}-s{int(p['input_size'])}"),
-    defaults={"checkpoint": "", "feat_dim": 152, "width": 24, "input_size": 256},
+    defaults={"checkpoint": "", "feat_dim": 152, "width": 24, "input_size": 256, **_refine_bounds()},
 )
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 PARITY_PARAMS = {
     "patch_features": {"feature_dim": 0, "input_size": 256, "context": True},  # both levels
     "dqformer": {"input_size": 128},
-    "ard": {"feat_dim": 64, "input_size": 128},
+    "ard": {"feat_dim": 64, "input_size": 128, "raise_max": 1.0},  # both sides of the peak bound
 }
 MAX_REL_ERR = 1e-4  # the issue asks for "well under 1e-3" in fp32
 
