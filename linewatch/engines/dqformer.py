@@ -6,7 +6,9 @@ DQFormer segments what each sentence describes. With several sentences the anoma
 are averaged. The mask is the model's own two-query decision (probability of the anomaly query
 above that of the background query): no threshold is tuned. Candidate regions are then filtered
 by size relative to the frame and the image score is ``sum_i s_i * m_i`` (see
-:mod:`linewatch.prompts`). The output carries the mask, so the inspector decides OK / NG by its
+:mod:`linewatch.prompts`), above 0.5 since every kept pixel's probability is; a frame with no kept
+region scores half its highest anomaly probability (below 0.5), so scores rank frames beyond the
+OK / NG split. The output carries the mask, so the inspector decides OK / NG by its
 regions and never calibrates a threshold for this engine.
 """
 
@@ -131,6 +133,11 @@ class DQFormerEngine:
                 # it would publish OK; it stays, labelled, and the frame is NG
                 big = rs.oversized
                 regions, kept, score = regions + big.regions, kept | big.mask, max(score, big.score)
+            if not regions:
+                # nothing kept: half the highest anomaly probability, below 0.5 where every kept
+                # region's mean is above it, so an NG frame always outscores an OK one and OK frames
+                # keep their order (0 for all of them tied every defect-free frame in evaluations)
+                score = 0.5 * float(prob.max()) if prob.size else 0.0
             out.append(EngineOutput(score_map=prob, image_score=score, mask=kept, regions=regions))
         return out
 

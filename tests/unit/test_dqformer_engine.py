@@ -62,7 +62,8 @@ def test_prompts_come_from_recipe_and_image_and_mask_is_final():
     assert len(tile.regions) == 1 and tile.regions[0].bbox == (30, 20, 60, 40)
     assert tile.image_score == pytest.approx(0.8)  # one region: s = 0.8, m = 1
     assert tile.score_map.shape == (80, 120)
-    assert default.mask is not None and not default.mask.any() and default.image_score == 0.0
+    assert default.mask is not None and not default.mask.any()
+    assert default.image_score == pytest.approx(0.05)  # no region: half the highest probability (0.1)
 
     thr = Threshold(ThresholdConfig())  # uncalibrated: a thresholded engine would be NOT_INSPECTED
     assert thr.current() is None
