@@ -576,16 +576,14 @@ class Daemon:
         stopped (each closes its own socket), then the engine, source and store are closed and
         the ZeroMQ context destroyed with every socket it still has. Each step is attempted even
         when an earlier one fails, and none of their errors replaces the start-up error."""
-        started = set(self._started)
-        steps = [
-            ("acquisition", lambda: self._stop_acquisition(timeout_s=2.0) if "acquisition" in started else None),
-            ("inspector", lambda: self.inspector.stop(1.0) if "inspector" in started else None),
-            ("closer", lambda: self.closer.stop(1.0) if "closer" in started else None),
-            ("control", lambda: self.control.stop() if "control" in started else None),
-            ("publisher", lambda: self.publisher.stop(timeout_s=2.0) if "publisher" in started else None),
+        stops = {"publisher": lambda: self.publisher.stop(timeout_s=2.0), "control": lambda: self.control.stop(),
+                 "closer": lambda: self.closer.stop(1.0), "inspector": lambda: self.inspector.stop(1.0),
+                 "acquisition": lambda: self._stop_acquisition(timeout_s=2.0)}
+        steps = [(name, stops[name]) for name in reversed(self._started)] + [  # last started, first stopped
             ("engine", lambda: getattr(self, "engine", None) and self.engine.close()),
-            # acquisition stopped above closes the source; a source opened but not yet read is closed here
-            ("source", lambda: getattr(self, "source", None) and "acquisition" not in started and self.source.close()),
+            # stopping the acquisition closes the source; a source opened but never read is closed here
+            ("source", lambda: getattr(self, "source", None) and "acquisition" not in self._started
+             and self.source.close()),
             ("store", lambda: getattr(self, "store", None) and self.store.started and self.store.stop(timeout_s=5.0)),
             ("telemetry", self.telemetry.close),
             # linger 0: sockets of stages that never started (or did not stop in time) are closed too

@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models.dqformer import load_checkpoint
 
     model, blob = load_checkpoint(args.ckpt)
-    if getattr(args, "backend", "torch") == "torch":  # otherwise the export runs; the model gives its config
+    backend = getattr(args, "backend", "torch")
+    if backend == "torch":  # otherwise the export runs; the model gives its config
         model.to(args.device)
     # the split the checkpoint was trained on (older checkpoints: the training seed, which the
     # training command also uses for the split)
@@ -185,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
         raise rdata.ReferDataError(f"the {args.split} split of {args.data} is empty: nothing to evaluate")
     text = TextEncoder(max_tokens=model.config.max_tokens)
     net, device = model, args.device
-    backend = getattr(args, "backend", "torch")
     if backend != "torch":
         from ..config import DQFormerEngine
         from ..refer.predict import ExportedModel

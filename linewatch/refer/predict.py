@@ -103,8 +103,10 @@ class ExportedModel:
 
     def __call__(self, image: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor,
                  sentence: torch.Tensor) -> torch.Tensor:
-        out = self.runner.run({"image": image.numpy(), "words": words.numpy(), "word_mask": word_mask.numpy(),
-                               "sentence": sentence.numpy()})[0]
+        from ..runtime.models import DQFORMER  # the export's input names, in forward's order
+
+        inputs = (image, words, word_mask, sentence)
+        out = self.runner.run({n: t.numpy() for n, t in zip(DQFORMER.input_names, inputs)})[0]
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
     def eval(self) -> "ExportedModel":

@@ -88,12 +88,9 @@ def create_extractor(cfg, *, batch_size: int = 4):
 def cuda_index(device: str) -> int:
     """The GPU index of a torch-style device string: "cuda" -> 0, "cuda:1" -> 1."""
     kind, _, index = device.partition(":")
-    try:
-        if kind != "cuda":
-            raise ValueError
-        return int(index) if index else 0
-    except ValueError:
-        raise ValueError(f"device {device!r}: expected cuda or cuda:<index>") from None
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise ValueError(f"device {device!r}: expected cuda or cuda:<index>")
+    return int(index or 0)
 
 
 def create_dqformer_runner(cfg, *, batch_size: int = 4):
