@@ -64,7 +64,7 @@ def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size:
                  engines_dir: Path = Path("engines")) -> dict:
     eng = make_engine(cfg, backend, engines_dir)
     eng.warmup(*images[0].shape)
-    lat, t_lots, fid = [], 0.0, 0
+    lat, t_lots, fid = [], [], 0
     t_all = 0.0
     for s in range(0, len(images), batch):
         chunk = images[s:s + batch]
@@ -79,13 +79,16 @@ def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size:
         if fid % lot_size == 0:
             t0 = time.perf_counter()
             eng.lot_closed(lot)
-            t_lots += time.perf_counter() - t0
+            t_lots.append(time.perf_counter() - t0)
     lat_ms = np.asarray(lat) * 1000
     ctx = f", context {cfg.context_weight:g}" if cfg.context_weight > 0 else ""
-    return {"name": f"engine tier1 {backend} (d={cfg.feature_dim}, refs={cfg.reference_frames}{ctx})",
+    mem = f", memory {cfg.tier2_memory_frames}" if cfg.tier2_memory_frames else ""
+    # lot close: the mean over the lots that closed with a full tier-2 memory (all lots without one)
+    full = t_lots[-(-cfg.tier2_memory_frames // lot_size):]
+    return {"name": f"engine tier1 {backend} (d={cfg.feature_dim}, refs={cfg.reference_frames}{ctx}{mem})",
             "fps": len(images) / t_all, "p50": float(np.percentile(lat_ms, 50)),
             "p99": float(np.percentile(lat_ms, 99)), "rss": peak_rss_mb(),
-            "lot_close_s": t_lots / max(len(images) // lot_size, 1), "version": eng.version}
+            "lot_close_s": float(np.mean(full)) if full else float("nan"), "version": eng.version}
 
 
 def bench_floor(images: list[np.ndarray], lot_size: int, threads: int) -> dict:
@@ -114,15 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-floor", action="store_true")
     p.add_argument("--backends", default="torch", help="comma-separated: torch-eager, torch, onnxruntime")
     p.add_argument("--context-weights", default="0", help="comma-separated [engine] context_weight values")
+    p.add_argument("--memory-frames", default="0",
+                   help="comma-separated [engine] tier2_memory_frames values (lot close: the mean over the lots "
+                        "closed with a full memory)")
     p.add_argument("--append", type=Path, default=None,
                    help="also append the table to this file (bench/RESULTS.md) under the engines heading")
     a = p.parse_args(argv)
     images = frames(a.frames, a.size)
     cfg = EngineCfg(threads=a.threads, feature_dim=a.feature_dim, reference_frames=a.refs, input_size=a.size)
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
-        rows = [bench_engine(cfg.model_copy(update={"context_weight": float(w)}), images, a.batch, a.lot_size,
-                             b.strip(), Path(tmp))
-                for b in a.backends.split(",") if b.strip() for w in a.context_weights.split(",")]
+        rows = [bench_engine(cfg.model_copy(update={"context_weight": float(w), "tier2_memory_frames": int(m)}),
+                             images, a.batch, a.lot_size, b.strip(), Path(tmp))
+                for b in a.backends.split(",") if b.strip() for w in a.context_weights.split(",")
+                for m in a.memory_frames.split(",")]
     if not a.no_floor:
         rows.append(bench_floor(images, a.lot_size, a.threads))
     print(f"\n{a.frames} frames {a.size}x{a.size}x3, batch {a.batch}, threads {a.threads}; latency per "

@@ -182,6 +182,18 @@ class ZeroShotEngine(Strict):
         "pixel-AP 0.160 -> 0.118, the synthetic line pixel-AP 0.69 -> 0.47: a per-product choice, "
         "checked with `linewatch eval`.",
         default=0.0, ge=0, le=16)
+    tier2_memory_frames: int = restart(
+        "Tier 2: the last this-many frames of earlier lots (their tier-1 reference patches, a quarter "
+        "of each grid) join every frame's references, while the number of nearest distances averaged "
+        "stays the lot's (topk_fraction x the lot's references: 9 with 32). A look that recurs on a "
+        "few frames of every lot (pen marks, grinding patterns) then counts as normal, and so does a "
+        "defect that recurs on that many frames of the lot and the memory together (a systematic "
+        "fault on 1 part in 18 at 128 frames, lots of 32, 32 references). Each memory frame costs a "
+        "quarter of a full tier-2 reference (2 CPU cores, shipped budget: lot close 0.21 s -> 1.47 s "
+        "at 128). 0 = off. Measured 2026-12-01 (tier 2, 32/1, context level 1.0): 128 gives "
+        "magnetic_tile pixel-AP 0.099 -> 0.128, AUPRO 0.781 -> 0.794, image-AUROC 0.812 -> 0.832; "
+        "KolektorSDD (lots of 8, one commutator each) loses (64: pixel-AP 0.160 -> 0.098): a "
+        "per-product choice, checked with `linewatch eval`.", default=0, ge=0, le=4096)
     engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
 
 

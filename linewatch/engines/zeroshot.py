@@ -13,8 +13,12 @@ same geometry (``position_min_frames``, ``linewatch.models.zeroshot.position_sta
 fixtured part a place that is hot on every frame is normal there), the rings of cells at the frame
 edge are calibrated against the lot's interior (``border_bands``,
 ``linewatch.models.zeroshot.border_stats``) and the lot's features become the "previous lot"
-references. Tier 1 calibrates positions and edges the same way with the statistics of the last
-closed lot's tier-1 grids (none before the first lot closes). Tier-2 maps
+references. With ``tier2_memory_frames`` > 0 the reference patches of that many frames of earlier
+lots (the most recent) also take part, while the number of nearest distances averaged stays the
+lot's: a look that recurs on a few frames of every lot (a pen mark, a grinding pattern) is normal
+once the lot and the memory together show it often enough. Tier 1 calibrates positions and edges
+the same way with the statistics of the last closed lot's tier-1 grids (none before the first lot
+closes). Tier-2 maps
 are in lot score units (``linewatch.models.ard.normalise_grid``: minus the lot's median patch
 score, divided by the lot's typical 50-99th percentile span), which makes scores comparable from
 lot to lot and product to product; the image score is the mean of the top
@@ -183,6 +187,8 @@ class ZeroShotEngine:
             torch.set_num_threads(cfg.threads)
         # the context level: the extractor's channels after the patch level's (see zs.Scorer)
         context = float(getattr(cfg, "context_weight", 0.0))
+        # tier 2: frames of earlier lots lending their reference patches (0 = none)
+        self.memory_frames = int(getattr(cfg, "tier2_memory_frames", 0))
         if extractor is None:  # onnxruntime / tensorrt: exported (and built) on first use
             from ..runtime import create_extractor
 
@@ -197,7 +203,8 @@ class ZeroShotEngine:
                                 context)
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
                         f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}-p{self.position_min_frames}"
-                        + (f"-c{context:g}" if context > 0 else ""))
+                        + (f"-c{context:g}" if context > 0 else "")
+                        + (f"-m{self.memory_frames}" if self.memory_frames else ""))
         self.ref_stride = int(ref_stride)
         # tier-2 budget: the config's unless given here (tests, evaluation)
         self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
@@ -205,9 +212,11 @@ class ZeroShotEngine:
         self.max_lot_frames = int(max_lot_frames)
         self._lots: dict[str, deque[_Entry]] = {}
         self._previous: list[_Entry] = []
+        # their reference patches, the newest memory_frames (guarded by _lock, like _previous)
+        self._memory: deque[zs.Reference] = deque(maxlen=max(1, self.memory_frames))
         self.dropped_bank_frames = 0  # frames pushed out of a full lot bank (no tier-2 output)
         self.self_scored_frames = 0  # frames scored against themselves (nothing else to compare)
-        self._lock = threading.Lock()  # guards _lots and _previous (infer vs lot_closed threads)
+        self._lock = threading.Lock()  # guards _lots, _previous, _memory (infer vs lot_closed threads)
         self.refiner = None  # linewatch.refine.worker.Refiner when refinement is enabled
         self.last_tier2_model: dict[str, str] | None = None  # model behind the last lot_closed maps
         # the last lot's coarse maps when refined, kept only for evaluation (``keep_coarse``)
@@ -344,11 +353,12 @@ class ZeroShotEngine:
         with self._lock:
             bank = self._lots.pop(lot_id, None)
             previous = self._previous
+            memory = list(self._memory)
         if not bank:
             return {}
         entries = list(bank)
         scores = self.scorer.score_lot([e.feat for e in entries], max_references=self.tier2_references,
-                                       ref_stride=self.tier2_ref_stride)
+                                       ref_stride=self.tier2_ref_stride, memory=memory)
         if len(entries) == 1 and previous:  # a lot of one: the previous lot is a better reference
             scores = [self.scorer.score(entries[0].feat, [e.ref for e in previous])]
         # each cell against the same cell of the lot's frames of the same geometry, then the edge
@@ -378,6 +388,8 @@ class ZeroShotEngine:
         coarse = {e.frame_id: self._output(g, e.frame_hw) for e, g in zip(entries, z)}
         with self._lock:
             self._roll(entries)
+            if self.memory_frames:
+                self._memory.extend(e.ref for e in entries)
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse
@@ -432,3 +444,4 @@ class ZeroShotEngine:
         with self._lock:
             self._lots.clear()
             self._previous = []
+            self._memory.clear()

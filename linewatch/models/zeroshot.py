@@ -68,10 +68,13 @@ def pair_nn_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
     return d2.amin(1).clamp_min_(0).sqrt_(), d2.amin(0).clamp_min_(0).sqrt_()
 
 
-def topk_mean(dists: torch.Tensor, topk_fraction: float) -> torch.Tensor:
-    """P x R per-reference distances -> P scores: mean of the smallest ceil-ish fraction."""
+def topk_mean(dists: torch.Tensor, topk_fraction: float, counted: int | None = None) -> torch.Tensor:
+    """P x R per-reference distances -> P scores: mean of the smallest ceil-ish fraction of
+    ``counted`` references (None: all R). With ``counted`` < R the number averaged stays that of
+    the first ``counted`` references while the others join the choice (``lot_mutual_scores``'
+    memory)."""
     r = dists.shape[1]
-    k = max(1, min(r, int(round(topk_fraction * r))))
+    k = max(1, min(r, int(round(topk_fraction * (r if counted is None else counted)))))
     if k == r:
         return dists.mean(1)
     return dists.topk(k, dim=1, largest=False).values.mean(1)
@@ -107,13 +110,18 @@ def self_scores(feat: torch.Tensor, exclude_radius: int = SELF_EXCLUDE_RADIUS) -
 
 
 def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_references: int = 0,
-                      ref_stride: int = 1) -> list[torch.Tensor]:
+                      ref_stride: int = 1, memory: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
     """Whole-lot scoring (tier 2): each C x h_i x w_i grid against all the others.
 
     ``max_references`` > 0 bounds the references per image (evenly spread over the lot, so the
     cost grows linearly with the lot, not quadratically). ``ref_stride`` > 1 subsamples each
     reference grid (a different phase per image). Grids may differ in size. Returns one h_i x w_i
     score grid per image. A lot of one image is scored against itself (``self_scores``).
+
+    ``memory``: reference rows (M_r x C each) of frames of earlier lots, extra references for every
+    image. The number of nearest distances averaged stays the lot's (``topk_mean``'s ``counted``),
+    so a patch counts as normal once its look-alikes recur in that many frames of the lot and the
+    memory together.
     """
     n = len(feats)
     if n == 1:
@@ -140,8 +148,12 @@ def lot_mutual_scores(feats: Sequence[torch.Tensor], topk_fraction: float, max_r
                 dist[(i, j)] = nn_distance(flats[i], subs[j], qn)
     out = []
     for i in range(n):
-        d = torch.stack([dist[(i, j)] for j in refs_of[i]], dim=1)
-        out.append(topk_mean(d, topk_fraction).reshape(feats[i].shape[1:]))
+        cols = [dist[(i, j)] for j in refs_of[i]]
+        if memory:
+            qn = (flats[i] * flats[i]).sum(1)
+            cols.extend(nn_distance(flats[i], m, qn) for m in memory)
+        d = torch.stack(cols, dim=1)
+        out.append(topk_mean(d, topk_fraction, counted=len(refs_of[i])).reshape(feats[i].shape[1:]))
     return out
 
 
@@ -220,12 +232,15 @@ class Scorer:
         return self._with_context(grid, self_scores(self.context(feat), exclude))
 
     def score_lot(self, feats: Sequence[torch.Tensor], max_references: int = 0,
-                  ref_stride: int = 1) -> list[torch.Tensor]:
-        """``lot_mutual_scores`` of whole grids; the context level always with full grids."""
-        grids = lot_mutual_scores([self.fine(f) for f in feats], self.topk_fraction, max_references, ref_stride)
+                  ref_stride: int = 1, memory: Sequence[Reference] = ()) -> list[torch.Tensor]:
+        """``lot_mutual_scores`` of whole grids, with the ``memory`` of earlier frames' references
+        (both levels); the context level always with full grids."""
+        grids = lot_mutual_scores([self.fine(f) for f in feats], self.topk_fraction, max_references, ref_stride,
+                                  [r.patches for r in memory])
         if not self.has_context:
             return grids
-        ctx = lot_mutual_scores([self.context(f) for f in feats], self.topk_fraction, max_references)
+        ctx = lot_mutual_scores([self.context(f) for f in feats], self.topk_fraction, max_references,
+                                memory=[r.context for r in memory])
         return [self._with_context(g, c) for g, c in zip(grids, ctx)]
 
 

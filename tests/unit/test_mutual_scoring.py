@@ -260,3 +260,58 @@ def test_non_finite_refined_maps_fall_back_to_the_coarse_maps():
         assert out[1].image_score > max(out[i].image_score for i in (0, 2, 3))
     finally:
         eng.close()
+
+
+def test_topk_mean_can_keep_the_count_of_the_first_references():
+    d = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.25]])
+    # k = round(0.5 * 4) = 2 of all six columns: the two memory columns win the choice
+    assert zs.topk_mean(d, 0.5, counted=4).item() == pytest.approx(0.375)
+    assert zs.topk_mean(d, 0.5).item() == pytest.approx((0.25 + 0.5 + 1.0) / 3)  # k = 3 of six
+
+
+def test_lot_memory_makes_a_recurring_look_normal_and_keeps_the_lot_count():
+    """A patch that no other frame of the lot shows scores high; with earlier frames that show it
+    in memory it is normal, and the count averaged is the lot's (a brute-force check)."""
+    grids = _grids(n=6)
+    mark = torch.full((4,), 3.0)
+    grids[2][:, 1, 1] += mark  # a pen mark on one frame of this lot
+    earlier = _grids(n=4, seed=1)
+    for g in earlier:  # ... and on every frame of the earlier lots
+        g[:, 4, 4] += grids[2][:, 1, 1] - g[:, 4, 4]
+    memory = [zs.flat_patches(g) for g in earlier]
+    plain = zs.lot_mutual_scores(grids, 0.4)
+    with_mem = zs.lot_mutual_scores(grids, 0.4, memory=memory)
+    assert plain[2][1, 1] > 5 * float(plain[0].max())
+    assert with_mem[2][1, 1] < 0.1 * float(plain[2][1, 1])
+    # brute force: nearest distance per reference (5 of the lot, 4 in memory), k = round(0.4 * 5) = 2
+    q = zs.flat_patches(grids[2])
+    cols = [torch.cdist(q, zs.flat_patches(grids[j])).amin(1) for j in range(6) if j != 2]
+    cols += [torch.cdist(q, m).amin(1) for m in memory]
+    expect = torch.stack(cols, 1).topk(2, dim=1, largest=False).values.mean(1).reshape(6, 6)
+    assert torch.allclose(with_mem[2], expect, atol=1e-4)
+    # no memory: the same as before
+    assert all(torch.equal(a, b) for a, b in zip(zs.lot_mutual_scores(grids, 0.4, memory=[]), plain))
+
+
+def test_engine_memory_holds_the_last_frames_of_earlier_lots():
+    cfg = EngineCfg(input_size=64, reference_frames=4, topk_fraction=0.5, tier2_memory_frames=6)
+    eng = ZeroShotEngine(cfg, extractor=FakeExtractor())
+    assert eng.version.endswith("-m6")
+    marked = _frames(4, defect_at=1)
+    eng.infer(marked, _metas(0, 4, "a"))
+    first = eng.lot_closed("a")  # nothing in memory yet: the bright square stands out
+    assert max(first, key=lambda k: first[k].image_score) == 1
+    assert len(eng._memory) == 4
+    for lot, start in (("b", 4), ("c", 8)):  # lots whose every frame carries the square
+        eng.infer(_frames(4, defect_at=0)[:1] * 4, _metas(start, 4, lot))
+        eng.lot_closed(lot)
+    assert len(eng._memory) == 6  # bounded: the newest six frames
+    plain = _engine()
+    plain.infer(marked, _metas(0, 4, "d"))
+    without = plain.lot_closed("d")
+    eng.infer(marked, _metas(20, 4, "d"))
+    with_mem = eng.lot_closed("d")
+    # the square is in every memory frame now: the marked frame's score falls towards its peers'
+    assert with_mem[21].image_score < 0.5 * without[1].image_score
+    eng.close()
+    assert len(eng._memory) == 0
