@@ -17,6 +17,7 @@ every lot is closed (tier 2) outside the timed region, whose time is reported se
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import tempfile
@@ -84,7 +85,7 @@ def bench_engine(cfg: EngineCfg, images: list[np.ndarray], batch: int, lot_size:
     ctx = f", context {cfg.context_weight:g}" if cfg.context_weight > 0 else ""
     mem = f", memory {cfg.tier2_memory_frames}" if cfg.tier2_memory_frames else ""
     # lot close: the mean over the lots that closed with a full tier-2 memory (all lots without one)
-    full = t_lots[-(-cfg.tier2_memory_frames // lot_size):]
+    full = t_lots[math.ceil(cfg.tier2_memory_frames / lot_size):]
     return {"name": f"engine tier1 {backend} (d={cfg.feature_dim}, refs={cfg.reference_frames}{ctx}{mem})",
             "fps": len(images) / t_all, "p50": float(np.percentile(lat_ms, 50)),
             "p99": float(np.percentile(lat_ms, 99)), "rss": peak_rss_mb(),

@@ -18,10 +18,9 @@ lots (the most recent) also take part, while the number of nearest distances ave
 lot's: a look that recurs on a few frames of every lot (a pen mark, a grinding pattern) is normal
 once the lot and the memory together show it often enough. Tier 1 calibrates positions and edges
 the same way with the statistics of the last closed lot's tier-1 grids (none before the first lot
-closes). Tier-2 maps
-are in lot score units (``linewatch.models.ard.normalise_grid``: minus the lot's median patch
-score, divided by the lot's typical 50-99th percentile span), which makes scores comparable from
-lot to lot and product to product; the image score is the mean of the top
+closes). Tier-2 maps are in lot score units (``linewatch.models.ard.normalise_grid``: minus the
+lot's median patch score, divided by the lot's typical 50-99th percentile span), which makes
+scores comparable from lot to lot and product to product; the image score is the mean of the top
 ``IMAGE_TOP_FRACTION`` of the map, as at tier 1. (Before the edge calibration, tier 2 took the top
 5 %: hot frame edges then filled the top 1 % of defect-free frames. On the calibrated maps the top
 1 % ranks frames better: image-AUROC Kolektor 0.902 -> 0.911, magnetic_tile 0.770 -> 0.808 on the
