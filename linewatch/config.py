@@ -184,7 +184,8 @@ class ZeroShotEngine(Strict):
         default=0.0, ge=0, le=16)
     tier2_memory_frames: int = restart(
         "Tier 2: the last this-many frames of earlier lots (their tier-1 reference patches, a quarter "
-        "of each grid) join every frame's references, while the number of nearest distances averaged "
+        "of each grid; held in memory, empty again after a restart or an engine change) join every "
+        "frame's references, while the number of nearest distances averaged "
         "stays the lot's (topk_fraction x the lot's references: 9 with 32). A look that recurs on a "
         "few frames of every lot (pen marks, grinding patterns) then counts as normal, and so does a "
         "defect that recurs on that many frames of the lot and the memory together (a systematic "
