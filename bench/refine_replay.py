@@ -131,7 +131,8 @@ def run(args) -> int:
     selector = None
     if args.contaminate is not None:
         selector = ev.ContaminatingSelector(args.contaminate, cfg.min_pseudo_normals, cfg.seed)
-    refiner = worker.Refiner(cfg, jobs[0].feats[0].shape[0], engine.features, engine.scorer, selector=selector)
+    refiner = worker.Refiner(cfg, jobs[0].feats[0].shape[0], engine.features, engine.scorer, selector=selector,
+                             skip_sigma=engine.smooth_cells)
     coarse, refined = [], []
     i, t0, train_s = 0, time.perf_counter(), 0.0
     for job in jobs:

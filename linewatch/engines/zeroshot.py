@@ -81,7 +81,7 @@ TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
 # lot closer (its queue holds 8; beyond that it skips a lot explicitly). An older one is rolled over.
 MAX_OPEN_LOTS = 10
 MAX_LOT_FRAMES = 256  # frames of one lot kept for tier 2 (oldest dropped beyond, and counted)
-SMOOTH_SIGMA_CELLS = 0.5  # Gaussian blur of the patch-score grid (4 px of the resized frame)
+SMOOTH_SIGMA_CELLS = 0.5  # default Gaussian blur of the patch-score grid (4 px of the resized frame)
 IMAGE_TOP_FRACTION = 0.01  # image score = mean of the top 1 % of the map
 # a lot with fewer frames borrows the score scale of the last larger lot: its own scale would be
 # its own frames' spread (a lot of one: its own defect sets the unit and vanishes in it); from 3
@@ -198,12 +198,15 @@ class ZeroShotEngine:
         self.border_bands = int(getattr(cfg, "border_bands", 0))  # edge rings calibrated per lot
         # frames of one geometry needed for the per-cell position calibration (0 = off)
         self.position_min_frames = int(getattr(cfg, "position_min_frames", 0))
+        # blur of the published maps (grid cells); the ARD's coarse skip is blurred the same way
+        self.smooth_cells = float(getattr(cfg, "smooth_cells", SMOOTH_SIGMA_CELLS))
         self.scorer = zs.Scorer(float(cfg.topk_fraction), patch_channels(cfg.feature_dim) if context > 0 else None,
                                 context)
         self.version = (f"{ext_version}-{'tile' if cfg.tile else 'sq'}{cfg.input_size}-r{cfg.reference_frames}"
                         f"-k{cfg.topk_fraction:g}-rs{ref_stride}-b{self.border_bands}-p{self.position_min_frames}"
                         + (f"-c{context:g}" if context > 0 else "")
-                        + (f"-m{self.memory_frames}" if self.memory_frames else ""))
+                        + (f"-m{self.memory_frames}" if self.memory_frames else "")
+                        + (f"-s{self.smooth_cells:g}" if self.smooth_cells != SMOOTH_SIGMA_CELLS else ""))
         self.ref_stride = int(ref_stride)
         # tier-2 budget: the config's unless given here (tests, evaluation)
         self.tier2_ref_stride = int(tier2_ref_stride or getattr(cfg, "tier2_ref_stride", 1))
@@ -270,7 +273,7 @@ class ZeroShotEngine:
         return _Entry(meta.frame_id, feat, self.scorer.reference(feat, self.ref_stride, meta.frame_id), hw)
 
     def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int]) -> EngineOutput:
-        smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], SMOOTH_SIGMA_CELLS)
+        smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], self.smooth_cells)
         return EngineOutput(score_map=smap, image_score=zs.image_score(smap, IMAGE_TOP_FRACTION))
 
     # -------------------------------------------------------------------------------- engine
@@ -406,7 +409,8 @@ class ZeroShotEngine:
         # the ARD sees the patch level only
         dim = (self.scorer.fine_channels or getattr(self.extractor, "out_dim", 0) or self.cfg.feature_dim
                or FEATURE_CHANNELS)
-        self.refiner = Refiner(refine_cfg, dim, self.features, self.scorer, on_model=on_model, selector=selector)
+        self.refiner = Refiner(refine_cfg, dim, self.features, self.scorer, on_model=on_model, selector=selector,
+                               skip_sigma=self.smooth_cells)
 
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
                     coarse: dict[int, EngineOutput], offsets: list[torch.Tensor | None],

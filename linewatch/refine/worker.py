@@ -75,7 +75,8 @@ class Refiner:
     ``submit`` may be called from the lot-closer thread while the worker trains."""
 
     def __init__(self, cfg, feat_dim: int, extract: Extract, scorer: Scorer,
-                 on_model: Callable[..., None] | None = None, selector: Selector | None = None):
+                 on_model: Callable[..., None] | None = None, selector: Selector | None = None,
+                 skip_sigma: float | None = None):
         self.cfg = cfg
         self.feat_dim = int(feat_dim)
         self.extract = extract
@@ -87,8 +88,10 @@ class Refiner:
         torch.manual_seed(cfg.seed)
         from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
 
-        # untrained: returns the coarse map as is (blurred like the engine's coarse maps)
-        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=cfg.delta_max,
+        # untrained: returns the coarse map as is (blurred like the engine's coarse maps: ``skip_sigma``
+        # is the engine's ``smooth_cells``)
+        sigma = SMOOTH_SIGMA_CELLS if skip_sigma is None else float(skip_sigma)
+        self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=sigma, delta_max=cfg.delta_max,
                          gate_units=cfg.gate_units, raise_max=cfg.raise_max, peak_window=cfg.peak_window_px)
         self._base.eval()
         self._current: ARDVersion | None = None

@@ -195,12 +195,11 @@ def _refine_bounds() -> Params:
 
 
 def _ard_build(p: Params) -> nn.Module:
-    from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
     from ..models.ard import ARD
 
     torch.manual_seed(0)
     # the decoder as the daemon's Refiner builds it: the same skip blur and the same fixed bounds
-    model = ARD(int(p["feat_dim"]), int(p["width"]), skip_sigma=SMOOTH_SIGMA_CELLS, delta_max=float(p["delta_max"]),
+    model = ARD(int(p["feat_dim"]), int(p["width"]), skip_sigma=float(p["skip_sigma"]), delta_max=float(p["delta_max"]),
                 gate_units=float(p["gate_units"]), raise_max=float(p["raise_max"]), peak_window=int(p["peak_window"]))
     if p["checkpoint"]:
         state = torch.load(str(p["checkpoint"]), map_location="cpu", weights_only=True)
@@ -238,7 +237,9 @@ ARD_SPEC = ModelSpec(
     version=lambda p, m: f"ard-{_ard_hash(p, m)}-d{int(p['feat_dim'])}-w{int(p['width'])}",
     stem=lambda p: (f"ard-{Path(p['checkpoint']).stem if p['checkpoint'] else 'untrained'}"
                     f"-d{int(p['feat_dim'])}-w{int(p['width'])}-s{int(p['input_size'])}"),
-    defaults={"checkpoint": "", "feat_dim": 152, "width": 24, "input_size": 256, **_refine_bounds()},
+    defaults={"checkpoint": "", "feat_dim": 152, "width": 24, "input_size": 256,
+              "skip_sigma": 0.5,  # the engine's default smooth_cells
+              **_refine_bounds()},
 )
 
 

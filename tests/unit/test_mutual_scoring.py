@@ -315,3 +315,23 @@ def test_engine_memory_holds_the_last_frames_of_earlier_lots():
     assert with_mem[21].image_score < 0.5 * without[1].image_score
     eng.close()
     assert len(eng._memory) == 0
+
+
+def test_engine_smooth_cells_blurs_the_published_map_and_its_score():
+    """``smooth_cells`` sets the blur of the maps; the image score is taken from the same map."""
+    frames, metas = _frames(4, defect_at=1), _metas(0, 4, "a")
+    sharp = ZeroShotEngine(EngineCfg(input_size=64, reference_frames=4, topk_fraction=0.5), extractor=FakeExtractor())
+    wide = ZeroShotEngine(EngineCfg(input_size=64, reference_frames=4, topk_fraction=0.5, smooth_cells=3.0),
+                          extractor=FakeExtractor())
+    assert wide.version.endswith("-s3") and "-s" not in sharp.version.split("-p")[-1]
+    for eng in (sharp, wide):
+        eng.infer(frames, metas)
+    a, b = sharp.lot_closed("a")[1], wide.lot_closed("a")[1]
+    assert b.score_map.max() < a.score_map.max()  # the peak is lower
+
+    def half_max_area(m):
+        return int((m > m.min() + 0.5 * (m.max() - m.min())).sum())
+
+    assert half_max_area(b.score_map) > half_max_area(a.score_map)  # and spread wider
+    for out in (a, b):
+        assert out.image_score == pytest.approx(zs.image_score(out.score_map, 0.01))

@@ -167,16 +167,18 @@ def test_a_round_releases_a_version_recorded_with_its_lot():
         r.close()
 
 
-def test_refine_uses_the_given_version_and_maps_to_the_frame_grid():
+@pytest.mark.parametrize("sigma", [None, 2.0])
+def test_refine_uses_the_given_version_and_maps_to_the_frame_grid(sigma):
     images, feats, grids, scale = _lot()
-    r = Refiner(_cfg(), 3, FakeExtract(), zs.Scorer(0.3))
+    r = Refiner(_cfg(), 3, FakeExtract(), zs.Scorer(0.3), skip_sigma=sigma)
     z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
     maps = r.refine(images, feats, z, None)
     from linewatch.engines.zeroshot import SMOOTH_SIGMA_CELLS
     from linewatch.models.zeroshot import to_pixel_map
 
-    up = np.stack([to_pixel_map(g, H, W, SMOOTH_SIGMA_CELLS) for g in z])
-    assert np.allclose(np.stack(maps), up, atol=1e-5)  # no ARD yet: the engine's coarse map as is
+    # no ARD yet: the engine's coarse map as is, blurred as the engine's smooth_cells says
+    up = np.stack([to_pixel_map(g, H, W, SMOOTH_SIGMA_CELLS if sigma is None else sigma) for g in z])
+    assert np.allclose(np.stack(maps), up, atol=1e-5)
     full = Refiner.to_frame(maps[0], 64, 96)
     assert full.shape == (64, 96) and full.dtype == np.float32
     # without an ARD the decoder is not run; its shortcut must be what the untrained decoder returns
