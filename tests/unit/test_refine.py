@@ -179,6 +179,9 @@ def test_refine_uses_the_given_version_and_maps_to_the_frame_grid(sigma):
     # no ARD yet: the engine's coarse map as is, blurred as the engine's smooth_cells says
     up = np.stack([to_pixel_map(g, H, W, SMOOTH_SIGMA_CELLS if sigma is None else sigma) for g in z])
     assert np.allclose(np.stack(maps), up, atol=1e-5)
+    from linewatch.runtime.models import ARD_SPEC
+
+    assert ARD_SPEC.defaults["skip_sigma"] == SMOOTH_SIGMA_CELLS  # an exported ARD blurs as the engine
     full = Refiner.to_frame(maps[0], 64, 96)
     assert full.shape == (64, 96) and full.dtype == np.float32
     # without an ARD the decoder is not run; its shortcut must be what the untrained decoder returns
