@@ -195,7 +195,12 @@ class Inspector:
                 self._fault(meta, f"deadline overrun: inspected {1000 * (t_done - meta.t_capture):.0f} ms "
                                   f"after capture (deadline {self.cfg.deadline_ms:.0f} ms)")
                 continue
-            r = decide(out, meta, self.threshold, self.thr_cfg.min_region_px, self.model)
+            try:
+                r = decide(out, meta, self.threshold, self.thr_cfg.min_region_px, self.model)
+            except Exception as exc:  # noqa: BLE001 - a malformed output is FAULT; the batch's other frames go on
+                logger.exception("engine %s gave frame %s an unusable output", self.model["name"], meta.frame_id)
+                self._fault(meta, f"engine returned an unusable output: {type(exc).__name__}: {exc}")
+                continue
             if r.verdict is Verdict.FAULT:
                 self.faults += 1
             self.inspected += 1
@@ -285,7 +290,14 @@ class LotCloser:
                 continue
             refined.append(decide(out, meta, self.threshold, self.thr_cfg.min_region_px, model,
                                   tier=2, observe=False))
-        self.refined_lots += 1
+        missing = sum(1 for m in metas if m.frame_id not in outs)
+        if missing:  # frames the engine kept no features for: said so, never silently left out
+            logger.warning("tier 2 of lot %s: %d of %d frame(s) without a result", ev.lot_id, missing, len(metas))
+            counts = {**counts, "tier2": f"NOT_INSPECTED: {missing} of {len(metas)} frame(s) without a tier-2 "
+                                         f"result (the engine kept no features for them: engine changed, lot "
+                                         f"evicted, or frames beyond its per-lot cap)"}
+        if refined:
+            self.refined_lots += 1
         self.publish_lot(ev, refined, counts)
 
     def stop(self, timeout_s: float) -> bool:

@@ -218,6 +218,7 @@ class ZeroShotEngine:
         self._memory: deque[zs.Reference] = deque(maxlen=max(1, self.memory_frames))
         self.dropped_bank_frames = 0  # frames pushed out of a full lot bank (no tier-2 output)
         self.self_scored_frames = 0  # frames scored against themselves (nothing else to compare)
+        self.nonfinite_frames = 0  # frames with non-finite features (FAULT; never kept as references)
         self._lock = threading.Lock()  # guards _lots, _previous, _memory (infer vs lot_closed threads)
         self.refiner = None  # linewatch.refine.worker.Refiner when refinement is enabled
         self.last_tier2_model: dict[str, str] | None = None  # model behind the last lot_closed maps
@@ -290,13 +291,21 @@ class ZeroShotEngine:
             return []
         feats = self.features(images)
         entries = [self._entry(m, f, (im.shape[0], im.shape[1])) for im, m, f in zip(images, metas, feats)]
+        # a frame with non-finite features (a broken backbone run) gets a NaN score, so FAULT at
+        # tier 1; it must be no other frame's reference, nor reach tier 2's calibrations and scale,
+        # or one bad frame would turn a whole lot (and the next lot's tier 1) into FAULT
+        finite = [bool(torch.isfinite(e.feat).all()) for e in entries]
+        if not all(finite):
+            self.nonfinite_frames += finite.count(False)
+            logger.warning("%d frame(s) with non-finite features: not kept as references or for tier 2",
+                           finite.count(False))
         if self.refiner is not None:
             for im, e in zip(images, entries):
                 e.image = self.working_image(im)
         outputs = []
         for i, (meta, e) in enumerate(zip(metas, entries)):
             with self._lock:
-                refs = self._references(i, metas, entries)
+                refs = self._references(i, metas, entries, finite)
             if refs:
                 s = self.scorer.score(e.feat, refs)
             else:
@@ -307,8 +316,9 @@ class ZeroShotEngine:
             s = zs.apply_border(zs.apply_position(s, e.frame_hw, position), border)
             outputs.append(self._output(s, e.frame_hw))
         with self._lock:
-            for meta, e in zip(metas, entries):
-                self._bank(meta.lot_id).append(e)
+            for meta, e, ok in zip(metas, entries, finite):
+                if ok:
+                    self._bank(meta.lot_id).append(e)
         return outputs
 
     def working_image(self, image: np.ndarray) -> np.ndarray:
@@ -319,11 +329,14 @@ class ZeroShotEngine:
         out = resize_uint8(image, g.height, g.width)
         return out.copy() if np.shares_memory(out, image) else out  # never keep a view of the ring
 
-    def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry]) -> list[zs.Reference]:
+    def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry],
+                    finite: Sequence[bool] | None = None) -> list[zs.Reference]:
+        """Frame ``i``'s references: the batch's other frames of its lot (``finite`` ones only),
+        newest first, then its lot's kept frames, then the previous lot's, up to the cap."""
         cap = self.cfg.reference_frames
         lot = metas[i].lot_id
         refs = [entries[j].ref for j in range(len(entries) - 1, -1, -1)
-                if j != i and metas[j].lot_id == lot][:cap]
+                if j != i and metas[j].lot_id == lot and (finite is None or finite[j])][:cap]
         if len(refs) < cap:
             bank = self._lots.get(lot, ())
             refs.extend(e.ref for e in list(bank)[::-1][:cap - len(refs)])
@@ -377,10 +390,22 @@ class ZeroShotEngine:
                                             self.position_min_frames)
             t1_grids = [zs.apply_position(e.tier1, e.frame_hw, t1_position) for e in tier1]
             self._tier1_calibration = (t1_position, zs.border_stats(t1_grids, self.border_bands))
+        # the lot's frames become the next frames' references (and memory) even when its tier 2
+        # cannot be judged below
+        with self._lock:
+            self._roll(entries)
+            if self.memory_frames:
+                self._memory.extend(e.ref for e in entries)
         if len(scores) >= MIN_SCALE_FRAMES:
             scale, offset = grid_scale(scores), lot_median(scores)
             if math.isfinite(scale) and math.isfinite(offset):
                 self._norm = (scale, offset)
+            elif self._norm is not None:  # a non-finite grid spoilt the lot's own: borrow the last
+                logger.warning("lot %r has a non-finite score scale; the last lot's is used", lot_id)
+                scale, offset = self._norm
+            else:
+                raise Tier2Unavailable(f"lot {lot_id!r} has a non-finite score scale and no earlier lot lends "
+                                       f"one; tier 1 stands")
         elif self._norm is not None:
             scale, offset = self._norm
         else:
@@ -388,10 +413,6 @@ class ZeroShotEngine:
                                    f"(< {MIN_SCALE_FRAMES}), and no earlier lot lends one; tier 1 stands")
         z = [normalise_grid(s, scale, offset) for s in scores]
         coarse = {e.frame_id: self._output(g, e.frame_hw) for e, g in zip(entries, z)}
-        with self._lock:
-            self._roll(entries)
-            if self.memory_frames:
-                self._memory.extend(e.ref for e in entries)
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse

@@ -41,6 +41,9 @@ class RecordingEngine:
             return [EngineOutput(o.score_map, float("nan")) for o in outs]
         if self.mode == "shape":
             return [EngineOutput(np.zeros((2, 2), np.float32), o.image_score) for o in outs]
+        if self.mode == "no_map":  # malformed: decide() cannot even read the map's shape
+            outs[0] = EngineOutput(None, outs[0].image_score)
+            return outs
         if self.mode == "nan_map":  # a finite score over a map with a NaN: no region, a silent OK
             outs[0].score_map[0, 0] = np.nan
             return outs
@@ -101,6 +104,10 @@ def test_missing_output_nan_score_and_wrong_map_shape_are_faults():
         results, _ = run_frames(RecordingEngine(mode), [10, 20])
         assert verdicts(results) == [Verdict.FAULT] * 2, mode
         assert all(why in r.reason for r in results), (mode, [r.reason for r in results])
+    results, _ = run_frames(RecordingEngine("no_map"), [150, 20])
+    first, second = sorted(results, key=lambda r: r.frame.frame_id)
+    assert first.verdict is Verdict.FAULT and first.reason.startswith("engine returned an unusable output")
+    assert second.verdict is Verdict.OK  # the inspector thread lives on and judges the rest of the batch
     results, _ = run_frames(RecordingEngine("nan_map"), [150, 20])
     first, second = sorted(results, key=lambda r: r.frame.frame_id)
     assert first.verdict is Verdict.FAULT and first.reason == "engine returned a non-finite score map"
@@ -130,6 +137,32 @@ def test_a_lot_tier_2_cannot_judge_is_published_not_inspected_and_a_failure_faul
     assert [p[0] for p in published] == ["small", "big"] and all(p[1] == [] for p in published)
     assert published[0][2]["tier2"] == "NOT_INSPECTED: lot 'small' has 1 frame(s)"
     assert published[1][2]["tier2"] == "FAULT: RuntimeError: out of memory"
+
+
+def test_frames_without_a_tier_2_result_are_reported_not_inspected():
+    """A lot whose frames the engine kept no features for (engine swapped, lot evicted) must say
+    so in its lot message, not close as if tier 2 had judged it."""
+    from linewatch.frames import FrameMeta
+    from linewatch.inspector import LotCloser, LotLedger
+
+    class Forgetful(RecordingEngine):
+        def lot_closed(self, lot_id):
+            return {}
+
+    ledger = LotLedger()
+    for fid in (1, 2):
+        ledger.add(FrameMeta(fid, time.time(), "cam", 8, 8, lot_id="L"))
+    published = []
+    closer = LotCloser(Forgetful, ThresholdConfig(mode="fixed", value=1.0), ledger,
+                       lambda ev, refined, summary: published.append((ev.lot_id, refined, summary)))
+    closer.start()
+    closer.submit(LotEvent(LotEventKind.CLOSED, "L", "r", "part_count", time.time()))
+    deadline = time.monotonic() + 10
+    while not published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closer.stop(5.0)
+    assert published[0][1] == [] and published[0][2]["tier2"].startswith("NOT_INSPECTED: 2 of 2 frame(s)")
+    assert closer.refined_lots == 0
 
 
 def test_deadline_overrun_before_and_after_the_engine_is_fault():

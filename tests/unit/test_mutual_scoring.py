@@ -235,6 +235,7 @@ def test_a_small_lot_borrows_the_score_scale_of_the_last_larger_lot():
     eng.infer(_frames(1, defect_at=0), _metas(0, 1, "first"))
     with pytest.raises(Tier2Unavailable, match="too few"):
         eng.lot_closed("first")
+    assert [e.frame_id for e in eng._previous] == [0]  # its features still serve the next lot
     eng.infer(_frames(4), _metas(1, 4, "good"))
     good = eng.lot_closed("good")
     eng.infer(_frames(1, defect_at=0), _metas(5, 1, "one"))
@@ -335,3 +336,29 @@ def test_engine_smooth_cells_blurs_the_published_map_and_its_score():
     assert half_max_area(b.score_map) > half_max_area(a.score_map)  # and spread wider
     for out in (a, b):
         assert out.image_score == pytest.approx(zs.image_score(out.score_map, 0.01))
+
+
+def test_a_frame_with_nan_features_is_fault_and_spoils_no_other_frame():
+    """One broken backbone run must not turn its batch, its lot's tier 2 or the next lot's tier 1
+    into NaN (FAULT for every part): the frame is nobody's reference and is not kept."""
+
+    class NaNForBlackFrames(FakeExtractor):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            out[batch.reshape(len(batch), -1).mean(1) < -0.9] = np.nan  # a black frame
+            return out
+
+    eng = ZeroShotEngine(EngineCfg(input_size=64, reference_frames=4, topk_fraction=0.5),
+                         extractor=NaNForBlackFrames())
+    frames = _frames(6, defect_at=4)
+    frames[2] = np.zeros_like(frames[2])  # the frame whose features come out NaN
+    out = eng.infer(frames, _metas(0, 6, "a"))
+    assert not np.isfinite(out[2].image_score)  # FAULT at tier 1 (the inspector's non-finite rule)
+    assert all(np.isfinite(o.image_score) and np.isfinite(o.score_map).all() for k, o in enumerate(out) if k != 2)
+    assert eng.nonfinite_frames == 1
+    tier2 = eng.lot_closed("a")
+    assert sorted(tier2) == [0, 1, 3, 4, 5]  # no tier-2 result for it: the lot closer reports the gap
+    assert all(np.isfinite(o.score_map).all() for o in tier2.values())
+    assert max(tier2, key=lambda k: tier2[k].image_score) == 4
+    nxt = eng.infer(_frames(3, seed=1), _metas(10, 3, "b"))  # calibrated by lot a's tier-1 grids
+    assert all(np.isfinite(o.score_map).all() for o in nxt)
