@@ -249,6 +249,12 @@ class LotCloser:
             self.skipped += 1
             metas, counts = self.ledger.pop(ev.lot_id)
             logger.warning("tier 2 behind: lot %s closed without refinement", ev.lot_id)
+            skipped = getattr(self.get_engine(), "lot_skipped", None)  # let a lot-aware engine free it
+            if skipped is not None:
+                try:
+                    skipped(ev.lot_id)
+                except Exception:  # noqa: BLE001 - freeing is housekeeping; the lot message still goes out
+                    logger.exception("engine failed to let go of skipped lot %s", ev.lot_id)
             self.publish_lot(ev, [], {**counts, "tier2": "skipped: lot closer behind"})
 
     def _run(self) -> None:

@@ -28,6 +28,9 @@ class Engine(Protocol):
     features out under a lock at the start, then compute without holding it). It raises
     ``Tier2Unavailable`` when the lot cannot be judged as a whole (the lot's frames are then
     NOT_INSPECTED at tier 2, their tier-1 results stand) and anything else on failure (FAULT).
+
+    Optional: ``lot_skipped(lot_id)``, called instead of ``lot_closed`` when the lot closer is too
+    far behind to run a lot's tier 2, so that a lot-aware engine lets go of what it kept for it.
     """
 
     name: str

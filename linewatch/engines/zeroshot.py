@@ -362,6 +362,17 @@ class ZeroShotEngine:
         if entries:
             self._previous = list(entries)[-self.cfg.reference_frames:]
 
+    def lot_skipped(self, lot_id: str) -> None:
+        """A closed lot whose tier 2 will not run (the lot closer is behind): its frames become the
+        next frames' references (and memory) as at a lot close, and its bank is let go, so that
+        it does not later push out the bank of a lot still waiting for its tier 2."""
+        with self._lock:
+            bank = self._lots.pop(lot_id, None)
+            if bank:
+                self._roll(bank)
+                if self.memory_frames:
+                    self._memory.extend(e.ref for e in bank)
+
     def lot_closed(self, lot_id: str) -> dict[int, EngineOutput]:
         """Tier 2: the whole lot (as kept in the bank) mutually scored, keyed by frame id; refined
         by the ARD when refinement is enabled (see the module docstring)."""

@@ -3,6 +3,7 @@ are FAULT; an uncalibrated threshold is NOT_INSPECTED; batches respect size and 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -163,6 +164,37 @@ def test_frames_without_a_tier_2_result_are_reported_not_inspected():
     assert closer.stop(5.0)
     assert published[0][1] == [] and published[0][2]["tier2"].startswith("NOT_INSPECTED: 2 of 2 frame(s)")
     assert closer.refined_lots == 0
+
+
+def test_a_lot_skipped_by_a_closer_behind_is_said_so_and_let_go_by_the_engine():
+    from linewatch.inspector import LotCloser, LotLedger
+
+    release = threading.Event()
+    let_go = []
+
+    class Slow(RecordingEngine):
+        def lot_closed(self, lot_id):
+            release.wait(10)
+            return {}
+
+        def lot_skipped(self, lot_id):
+            let_go.append(lot_id)
+
+    published = []
+    closer = LotCloser(Slow, ThresholdConfig(mode="fixed", value=1.0), LotLedger(),
+                       lambda ev, refined, summary: published.append((ev.lot_id, summary)), queue_max=1)
+    closer.start()
+    closer.submit(LotEvent(LotEventKind.CLOSED, "a", "r", "part_count", time.time()))
+    deadline = time.monotonic() + 10
+    while closer._q.qsize() and time.monotonic() < deadline:  # "a" taken: the closer is busy with it
+        time.sleep(0.01)
+    closer.submit(LotEvent(LotEventKind.CLOSED, "b", "r", "part_count", time.time()))  # queued
+    closer.submit(LotEvent(LotEventKind.CLOSED, "c", "r", "part_count", time.time()))  # no room
+    assert let_go == ["c"] and closer.skipped == 1
+    assert published[0][0] == "c" and published[0][1]["tier2"] == "skipped: lot closer behind"
+    release.set()
+    assert closer.stop(5.0)
+    assert [p[0] for p in published] == ["c", "a", "b"]
 
 
 def test_deadline_overrun_before_and_after_the_engine_is_fault():

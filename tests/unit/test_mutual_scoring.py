@@ -362,3 +362,12 @@ def test_a_frame_with_nan_features_is_fault_and_spoils_no_other_frame():
     assert max(tier2, key=lambda k: tier2[k].image_score) == 4
     nxt = eng.infer(_frames(3, seed=1), _metas(10, 3, "b"))  # calibrated by lot a's tier-1 grids
     assert all(np.isfinite(o.score_map).all() for o in nxt)
+
+
+def test_a_skipped_lot_is_let_go_and_becomes_the_previous_lot():
+    eng = _engine()
+    eng.infer(_frames(3), _metas(0, 3, "a"))
+    eng.lot_skipped("a")
+    assert "a" not in eng._lots and [e.frame_id for e in eng._previous] == [0, 1, 2]
+    assert eng.lot_closed("a") == {}  # nothing left to judge: the lot closer says so
+    eng.lot_skipped("never-seen")  # harmless
