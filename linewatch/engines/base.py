@@ -29,7 +29,9 @@ class Engine(Protocol):
     ``Tier2Unavailable`` when the lot cannot be judged as a whole (the lot's frames are then
     NOT_INSPECTED at tier 2, their tier-1 results stand) and anything else on failure (FAULT).
 
-    Optional: ``lot_skipped(lot_id)``, called instead of ``lot_closed`` when the lot closer is too
+    Optional: ``has_tier2 = True`` for an engine that judges every lot's frames at lot end (the
+    lot closer then reports frames missing from ``lot_closed``'s outputs as NOT_INSPECTED at tier
+    2; a tier-1-only engine returns {} and nothing is missing). ``lot_skipped(lot_id)``, called instead of ``lot_closed`` when the lot closer is too
     far behind to run a lot's tier 2, so that a lot-aware engine lets go of what it kept for it.
     """
 

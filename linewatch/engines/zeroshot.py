@@ -194,6 +194,7 @@ class ZeroShotEngine:
             extractor = create_extractor(cfg, batch_size=batch_size)
         self.extractor = extractor
         self.name = "zeroshot"
+        self.has_tier2 = True  # every lot's frames are judged again at lot end (Engine protocol)
         ext_version = getattr(extractor, "version", type(extractor).__name__)
         self.border_bands = int(getattr(cfg, "border_bands", 0))  # edge rings calibrated per lot
         # frames of one geometry needed for the per-cell position calibration (0 = off)

@@ -147,22 +147,31 @@ def test_frames_without_a_tier_2_result_are_reported_not_inspected():
     from linewatch.inspector import LotCloser, LotLedger
 
     class Forgetful(RecordingEngine):
+        has_tier2 = True
+
         def lot_closed(self, lot_id):
             return {}
 
     ledger = LotLedger()
-    for fid in (1, 2):
-        ledger.add(FrameMeta(fid, time.time(), "cam", 8, 8, lot_id="L"))
+    for lot in ("L", "M"):
+        for fid in (1, 2):
+            ledger.add(FrameMeta(fid, time.time(), "cam", 8, 8, lot_id=lot))
     published = []
-    closer = LotCloser(Forgetful, ThresholdConfig(mode="fixed", value=1.0), ledger,
+    engine = [Forgetful()]
+    closer = LotCloser(lambda: engine[0], ThresholdConfig(mode="fixed", value=1.0), ledger,
                        lambda ev, refined, summary: published.append((ev.lot_id, refined, summary)))
     closer.start()
     closer.submit(LotEvent(LotEventKind.CLOSED, "L", "r", "part_count", time.time()))
     deadline = time.monotonic() + 10
     while not published and time.monotonic() < deadline:
         time.sleep(0.01)
+    engine[0] = RecordingEngine()  # a tier-1-only engine (DQFormer, CLIP): {} is all there is
+    closer.submit(LotEvent(LotEventKind.CLOSED, "M", "r", "part_count", time.time()))
+    while len(published) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert closer.stop(5.0)
     assert published[0][1] == [] and published[0][2]["tier2"].startswith("NOT_INSPECTED: 2 of 2 frame(s)")
+    assert "tier2" not in published[1][2]
     assert closer.refined_lots == 0
 
 
