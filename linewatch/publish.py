@@ -89,8 +89,9 @@ class Publisher:
     """Owns the PUB socket in its own thread; other threads hand it messages through a queue.
 
     The internal queue is bounded (``queue_max``); if it is full the message is dropped and
-    counted (``dropped``) - subscribers then see the seq gap. PUB itself never blocks: beyond
-    ``sndhwm`` ZeroMQ drops for the slow subscriber only, who also sees a seq gap.
+    counted (``dropped``), and the next message sent skips its seq number, so subscribers see the
+    gap. PUB itself never blocks: beyond ``sndhwm`` ZeroMQ drops for the slow subscriber only, who
+    also sees a seq gap.
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, line: str, sndhwm: int,
@@ -102,6 +103,8 @@ class Publisher:
         self.seq = 0
         self.sent = 0
         self.dropped = 0
+        self._gap = 0  # messages dropped before reaching the thread since the last one sent
+        self._drop_lock = threading.Lock()  # dropped and _gap are counted from any thread
         self.failed = 0  # messages that could not be encoded or sent (logged), not counted as dropped
         self.cpu_s = 0.0  # CPU seconds of the publisher thread spent encoding and sending
         self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
@@ -120,12 +123,15 @@ class Publisher:
         """Queue one message (any thread). ``payload`` is encoded as PNG in the publisher thread.
         After ``stop`` has ended the thread, a message is counted as dropped (nothing would send it)."""
         if self._stop.is_set() and not self._thread.is_alive():
-            self.dropped += 1
+            with self._drop_lock:
+                self.dropped += 1
             return
         try:
             self._q.put_nowait((kind, header, payload))
         except queue.Full:
-            self.dropped += 1
+            with self._drop_lock:
+                self.dropped += 1
+                self._gap += 1  # its seq number is skipped by the next message sent
 
     def _run(self) -> None:
         next_hb = time.monotonic()
@@ -155,7 +161,9 @@ class Publisher:
         self._sock.close(linger=1000)
 
     def _emit(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:
-        self.seq += 1
+        with self._drop_lock:
+            gap, self._gap = self._gap, 0
+        self.seq += 1 + gap
         header["seq"] = self.seq
         header["t_publish"] = time.time()
         parts = [topic(self.line, kind)]
@@ -168,7 +176,8 @@ class Publisher:
             self._sock.send_multipart(parts, flags=zmq.NOBLOCK)
             self.sent += 1
         except zmq.Again:
-            self.dropped += 1
+            with self._drop_lock:
+                self.dropped += 1
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Send what is queued, then close the socket."""

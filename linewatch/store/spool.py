@@ -56,6 +56,7 @@ class Spool:
         self.dropped_rows = 0  # rows in segments deleted to keep under the cap
         self.bad_lines = 0  # unreadable lines met while replaying
         self.appended_rows = 0
+        self.sync_errors = 0  # segments whose sync to disk failed when sealed (logged; rows kept)
         self._lock = threading.Lock()
         self._rows: dict[Path, int] = {}  # rows per segment, oldest first (insertion order)
         self._bytes: dict[Path, int] = {}
@@ -106,9 +107,9 @@ class Spool:
             try:
                 self._current.write(data)
                 self._current.flush()
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: the file object is closed
                 raise SpoolError(f"cannot write spool segment {self._current_path}: "
-                                 f"{exc.strerror or exc}") from None
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
             self._rows[self._current_path] += len(records)
             self._bytes[self._current_path] += len(data)
             self.appended_rows += len(records)
@@ -128,14 +129,26 @@ class Spool:
         self._bytes[path] = 0
 
     def _seal_locked(self) -> None:
-        if self._current is not None:
+        """Close the open segment. It is let go whatever happens: a failed sync (EIO, a full disk)
+        is logged and counted, and the next append opens a new segment (a segment left open
+        but closed would refuse every later append)."""
+        current, path = self._current, self._current_path
+        if current is None:
+            return
+        self._current = None
+        self._current_path = None
+        try:
+            current.flush()
+            os.fsync(current.fileno())
+        except (OSError, ValueError) as exc:
+            self.sync_errors += 1
+            logger.error("spool segment %s not synced to disk (its rows stay for replay): %s",
+                         path.name if path else "?", exc)
+        finally:
             try:
-                self._current.flush()
-                os.fsync(self._current.fileno())
-            finally:
-                self._current.close()
-            self._current = None
-            self._current_path = None
+                current.close()
+            except OSError:
+                pass
 
     def _enforce_cap_locked(self) -> None:
         while sum(self._bytes.values()) > self.max_bytes and len(self._rows) > 1:

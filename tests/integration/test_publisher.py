@@ -42,3 +42,33 @@ def test_a_bad_heartbeat_or_payload_is_counted_and_publishing_goes_on(tmp_path):
         sub.close(linger=0)
     pub.send("frame", {"kind": "frame", "n": 3})  # after stop: nothing would send it
     assert pub.dropped == 1
+
+
+def test_messages_dropped_on_a_full_queue_leave_a_seq_gap(tmp_path):
+    """A subscriber must be able to tell that messages were lost before they reached the socket."""
+    ctx = zmq.Context.instance()
+    pub = Publisher(ctx, f"ipc://{tmp_path}/pub", "l1", 1000, heartbeat_s=60.0, status=lambda: {},
+                    queue_max=1)
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(pub.endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"linewatch.l1.")  # every topic: every seq number is seen
+    try:
+        for n in (1, 2, 3):  # the thread is not running yet: the queue holds one, two are dropped
+            pub.send("frame", {"kind": "frame", "n": n})
+        assert pub.dropped == 2
+        time.sleep(0.3)  # the subscription reaches the PUB socket
+        pub.start()
+        time.sleep(0.2)
+        pub.send("frame", {"kind": "frame", "n": 4})
+        got, deadline = [], time.monotonic() + 5
+        while time.monotonic() < deadline and not any(h.get("n") == 4 for h in got):
+            if sub.poll(100):
+                got.append(json.loads(sub.recv_multipart()[1]))
+        assert [h["n"] for h in got if h["kind"] == "frame"] == [1, 4]
+        seqs = [h["seq"] for h in got]
+        assert seqs == sorted(seqs)
+        # numbering starts at 1: the numbers nobody received are the two dropped messages
+        assert seqs[-1] - len(got) == 2, seqs
+    finally:
+        pub.stop(2.0)
+        sub.close(linger=0)

@@ -83,3 +83,24 @@ def test_spool_folder_under_a_file_is_an_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(SpoolError, match="cannot create spool folder"):
         Spool(blocker / "spool", max_mb=1)
+
+
+def test_a_failed_sync_at_a_segment_seal_loses_nothing_and_appends_go_on(tmp_path: Path, monkeypatch) -> None:
+    """EIO or a full disk at fsync once must not leave a closed file as the open segment (every
+    later append would fail with an error no caller handles, and the writer thread would die)."""
+    import os
+
+    spool = Spool(tmp_path / "sp", max_mb=10, segment_bytes=2000)
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    for k in range(10):
+        spool.append(_recs(k * 7, 7))  # rotates segments: the first seal's sync fails
+    assert calls and spool.sync_errors == 1
+    assert _drain(spool) == list(range(70))  # the rows of the unsynced segment are still replayed
