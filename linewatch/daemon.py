@@ -349,7 +349,8 @@ class Daemon:
             if not done.wait(60):
                 raise RuntimeError("reload did not finish within 60 s")
             if result.get("errors"):
-                raise ValueError("reload refused, nothing changed: " + " | ".join(result["errors"]))
+                what = ("reload failed part-way" if result.get("restarted") else "reload refused, nothing changed")
+                raise ValueError(f"{what}: " + " | ".join(result["errors"]))
             return result
 
         return {"lot start": lot_start, "lot end": lot_end, "status": lambda a: self.status(),
@@ -381,12 +382,18 @@ class Daemon:
                 self.store.register_model(engine.name, engine.version, "engine",
                                           {"config": new.engine.model_dump(mode="json")})
                 restarted.append("engine")
-        except StartupError as exc:
-            self.last_reload_error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failed reload must not take the daemon down
+            if not isinstance(exc, StartupError):
+                logger.exception("reload failed unexpectedly while restarting a stage")
+            why = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+            if restarted:  # the source runs on the new [source] / [ring]: the config must say so
+                self.cfg = self.cfg.model_copy(update={"source": new.source, "ring": new.ring})
+                why += f" (already restarted on the new config: {', '.join(restarted)}; the rest is unchanged)"
+            self.last_reload_error = why
             self.reloads["failed"] += 1
-            logger.error("reload failed while restarting a stage: %s", exc)
+            logger.error("reload failed while restarting a stage: %s", why)
             self.notifier.ready(status="reload failed")
-            return {"errors": [str(exc)]}
+            return {"errors": [why], "restarted": restarted}
         for section in ("daemon", "publish", "store", "metrics"):
             restart_keys = [k for k in changed.get(section, [])
                             if not cfgmod.live_fields().get(f"{section}.{k}", False)]
