@@ -360,8 +360,12 @@ class ZeroShotEngine:
         return bank
 
     def _roll(self, entries: Sequence[_Entry]) -> None:
+        """A lot leaves (closed, skipped or evicted; under ``_lock``): its last frames become the
+        previous lot's references and its frames join the tier-2 memory."""
         if entries:
             self._previous = list(entries)[-self.cfg.reference_frames:]
+            if self.memory_frames:
+                self._memory.extend(e.ref for e in entries)
 
     def lot_skipped(self, lot_id: str) -> None:
         """A closed lot whose tier 2 will not run (the lot closer is behind): its frames become the
@@ -371,8 +375,6 @@ class ZeroShotEngine:
             bank = self._lots.pop(lot_id, None)
             if bank:
                 self._roll(bank)
-                if self.memory_frames:
-                    self._memory.extend(e.ref for e in bank)
 
     def lot_closed(self, lot_id: str) -> dict[int, EngineOutput]:
         """Tier 2: the whole lot (as kept in the bank) mutually scored, keyed by frame id; refined
@@ -406,8 +408,6 @@ class ZeroShotEngine:
         # cannot be judged below
         with self._lock:
             self._roll(entries)
-            if self.memory_frames:
-                self._memory.extend(e.ref for e in entries)
         if len(scores) >= MIN_SCALE_FRAMES:
             scale, offset = grid_scale(scores), lot_median(scores)
             if math.isfinite(scale) and math.isfinite(offset):
