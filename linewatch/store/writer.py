@@ -35,8 +35,10 @@ from .spool import Spool, SpoolError
 logger = logging.getLogger(__name__)
 
 _STOP = object()
-# A malformed record (e.g. a spool line written by another version): rejected, not retried.
-_BAD_RECORD = (KeyError, TypeError, ValueError)
+# A malformed record (e.g. a spool line written by another version, a field of the wrong kind
+# or out of range): rejected, not retried, so that one such line cannot stop the replay of the
+# spool behind it.
+_BAD_RECORD = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
 DEFAULT_QUEUE_SIZE = 10_000
 
 
@@ -364,6 +366,7 @@ class StoreWriter:
                            len(batch), str(exc).splitlines()[0])
         except _BAD_RECORD as exc:
             logger.warning("store batch of %d has a bad record (%r); writing row by row", len(batch), exc)
+        self._models.clear()  # the rolled-back transaction may have created rows whose ids are cached
         for i, rec in enumerate(batch):
             try:
                 self._commit([rec])
@@ -372,8 +375,10 @@ class StoreWriter:
                     self._went_down(exc)
                     return i
                 self._reject(rec, str(exc).splitlines()[0])
+                self._models.clear()
             except _BAD_RECORD as exc:
                 self._reject(rec, repr(exc))
+                self._models.clear()
         return None
 
     def _reject(self, rec: dict[str, Any], why: str) -> None:

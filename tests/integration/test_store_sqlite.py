@@ -187,6 +187,27 @@ def test_spool_left_by_a_previous_run_is_replayed_on_start(tmp_path: Path, write
     assert list(Path(cfg.spool_dir).glob("seg-*.jsonl")) == []
 
 
+def test_a_spooled_record_that_cannot_be_written_is_rejected_and_replay_goes_on(tmp_path: Path,
+                                                                                writer_factory) -> None:
+    """A malformed line in the spool (valid JSON, impossible values) must not stop the replay of
+    everything after it: it is rejected, counted and logged with the record."""
+    cfg = _cfg(tmp_path)
+    spool = Spool(cfg.spool_dir, cfg.spool_max_mb, segment_bytes=16 * 1024)
+    bad_time = result_record(_result(5), "line1", T0)
+    bad_time["t_capture"] = 1e20  # no datetime can hold it (OverflowError)
+    no_model = result_record(_result(6), "line1", T0)
+    no_model["model"] = None  # a record from another version
+    spool.append([result_record(_result(i), "line1", T0) for i in range(5)] + [bad_time, no_model])
+    spool.append([result_record(_result(i), "line1", T0) for i in range(7, 12)])
+    spool.close()
+    w = writer_factory()
+    w.start()
+    assert w.stop(10)
+    assert w.rejected_rows >= 1
+    assert count_results(cfg.url) == 12 - w.rejected_rows
+    assert list(Path(cfg.spool_dir).glob("seg-*.jsonl")) == []
+
+
 def test_migrations_reach_head_match_the_schema_and_rerun_harmlessly(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/m.db"
     engine = make_engine(url)
