@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -554,29 +554,54 @@ class Daemon:
             signal.signal(sig, h)
 
     def _shutdown(self) -> None:
+        """Drain and stop, in order. Each step is attempted even when an earlier one fails (the
+        store must still flush if, say, tier 2 fails to stop); a failed step is logged and makes
+        the exit code 1."""
         self.notifier.stopping()
         drain_s = self.cfg.daemon.drain_timeout_s
-        self._stop_acquisition()
-        self.tracker.end("shutdown")
-        if not self.inspector.stop(drain_s):
-            logger.error("inspector did not drain within %.1f s", drain_s)
-        left = self.ring.drain_pending()
-        for item in left:
-            self._not_inspected_left(item, "shutdown")
-        self.ring.close()
-        if not self.closer.stop(max(drain_s, 5.0)):
-            logger.error("tier 2 did not finish within the drain time")
-        self.control.stop()
-        self.publisher.stop()
-        self.store.stop(timeout_s=30.0)
-        try:
-            self.inspector.engine.close()
-        except (RuntimeError, OSError) as exc:
-            logger.warning("closing the engine: %s", exc)
-        self.telemetry.close()
-        self.ctx.term()
-        self.notifier.close()
+
+        def inspector() -> None:
+            if not self.inspector.stop(drain_s):
+                logger.error("inspector did not drain within %.1f s", drain_s)
+
+        def ring() -> None:
+            for item in self.ring.drain_pending():
+                self._not_inspected_left(item, "shutdown")
+            self.ring.close()
+
+        def tier2() -> None:
+            if not self.closer.stop(max(drain_s, 5.0)):
+                logger.error("tier 2 did not finish within the drain time")
+
+        def engine() -> None:
+            if self.inspector.alive():  # still inside the engine: closing it under the thread is worse
+                logger.error("inspector still running: its engine is left open")
+            else:
+                self.inspector.engine.close()
+
+        failed = self._run_steps("stopping", [
+            ("acquisition", self._stop_acquisition), ("lot", lambda: self.tracker.end("shutdown")),
+            ("inspector", inspector), ("ring", ring), ("tier 2", tier2), ("control", self.control.stop),
+            ("publisher", self.publisher.stop), ("store", lambda: self.store.stop(timeout_s=30.0)),
+            ("engine", engine), ("telemetry", self.telemetry.close)])
+        # term() waits for every socket to close; after a failed step one may never close
+        self._run_steps("stopping", [("zeromq", lambda: self.ctx.destroy(linger=0) if failed else self.ctx.term()),
+                                     ("notifier", self.notifier.close)])
+        if failed and not self.exit_code:
+            self.exit_code = 1
         logger.info("stopped: %s", {k: v for k, v in self.dispatch.verdicts.items()})
+
+    @staticmethod
+    def _run_steps(what: str, steps: list[tuple[str, Callable[[], Any]]], level: int = logging.ERROR) -> list[str]:
+        """Run every step even when one fails; log each failure; return the names that failed."""
+        failed = []
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - the remaining steps still run
+                failed.append(name)
+                logger.log(level, "%s: %s: %s: %s", what, name, type(exc).__name__, exc)
+        return failed
 
     def _teardown_partial(self) -> None:
         """Undo a half-done start so the error is all that remains: threads already started are
@@ -596,8 +621,4 @@ class Daemon:
             # linger 0: sockets of stages that never started (or did not stop in time) are closed too
             ("zeromq", lambda: getattr(self, "ctx", None) and self.ctx.destroy(linger=0)),
         ]
-        for name, step in steps:
-            try:
-                step()
-            except Exception as exc:  # noqa: BLE001 - the start-up error is the one to report
-                logger.warning("undoing the start: %s: %s: %s", name, type(exc).__name__, exc)
+        self._run_steps("undoing the start", steps, logging.WARNING)  # the start-up error is the one to report
