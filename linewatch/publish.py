@@ -85,17 +85,22 @@ def lot_header(ev: LotEvent, line: str, refined: list[Result] | None = None,
     return h
 
 
+QUEUE_MAX_BYTES = 256 * 1024 * 1024  # payload maps waiting to be encoded and sent, at most
+
+
 class Publisher:
     """Owns the PUB socket in its own thread; other threads hand it messages through a queue.
 
-    The internal queue is bounded (``queue_max``); if it is full the message is dropped and
-    counted (``dropped``), and the next message sent skips its seq number, so subscribers see the
-    gap. PUB itself never blocks: beyond ``sndhwm`` ZeroMQ drops for the slow subscriber only, who
+    The internal queue is bounded in messages (``queue_max``) and in the bytes of the payload
+    maps it holds (``queue_max_bytes``: a score map of a large camera is megabytes); when either
+    is reached the message is dropped and counted (``dropped``), and the next message sent skips
+    its seq number, so subscribers see the gap. PUB itself never blocks: beyond ``sndhwm`` ZeroMQ drops for the slow subscriber only, who
     also sees a seq gap.
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, line: str, sndhwm: int,
-                 heartbeat_s: float, status: Callable[[], dict[str, Any]], queue_max: int = 100_000):
+                 heartbeat_s: float, status: Callable[[], dict[str, Any]], queue_max: int = 100_000,
+                 queue_max_bytes: int = QUEUE_MAX_BYTES):
         self.line = line
         self.heartbeat_s = heartbeat_s
         self._status = status
@@ -104,6 +109,8 @@ class Publisher:
         self.sent = 0
         self.dropped = 0
         self._gap = 0  # messages dropped before reaching the thread since the last one sent
+        self._queued_bytes = 0  # payload bytes waiting in the queue
+        self.queue_max_bytes = int(queue_max_bytes)
         self._drop_lock = threading.Lock()  # dropped and _gap are counted from any thread
         self.failed = 0  # messages that could not be encoded or sent (logged), not counted as dropped
         self.cpu_s = 0.0  # CPU seconds of the publisher thread spent encoding and sending
@@ -126,10 +133,19 @@ class Publisher:
             with self._drop_lock:
                 self.dropped += 1
             return
+        size = 0 if payload is None else int(payload.nbytes)
+        with self._drop_lock:
+            room = self._queued_bytes + size <= self.queue_max_bytes or not self._queued_bytes
+            if room:
+                self._queued_bytes += size
         try:
+            if not room:
+                raise queue.Full
             self._q.put_nowait((kind, header, payload))
         except queue.Full:
             with self._drop_lock:
+                if room:
+                    self._queued_bytes -= size
                 self.dropped += 1
                 self._gap += 1  # its seq number is skipped by the next message sent
 
@@ -151,6 +167,9 @@ class Publisher:
                 if self._stop.is_set():
                     break
                 continue
+            if payload is not None:
+                with self._drop_lock:
+                    self._queued_bytes -= int(payload.nbytes)
             c0 = time.thread_time()
             try:
                 self._emit(kind, header, payload)

@@ -72,3 +72,33 @@ def test_messages_dropped_on_a_full_queue_leave_a_seq_gap(tmp_path):
     finally:
         pub.stop(2.0)
         sub.close(linger=0)
+
+
+def test_payload_maps_are_bounded_in_bytes_in_the_queue(tmp_path):
+    """Large score maps must not fill memory while the publisher thread falls behind."""
+    ctx = zmq.Context.instance()
+    pub = Publisher(ctx, f"ipc://{tmp_path}/pub", "l1", 1000, heartbeat_s=60.0, status=lambda: {},
+                    queue_max_bytes=10_000)
+    try:
+        big = np.zeros((40, 50), np.float32)  # 8000 bytes
+        pub.send("frame", {"kind": "frame", "n": 1}, big)
+        pub.send("frame", {"kind": "frame", "n": 2}, big)  # would hold 16000 bytes: dropped
+        pub.send("frame", {"kind": "frame", "n": 3})  # no payload: fits
+        assert pub.dropped == 1 and pub._queued_bytes == 8000
+        pub.start()
+        deadline = time.monotonic() + 5
+        while pub._queued_bytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pub._queued_bytes == 0  # given back as the thread takes them
+    finally:
+        pub.stop(2.0)
+    # a map larger than the bound on its own still goes out when nothing else waits
+    lone = Publisher(ctx, f"ipc://{tmp_path}/pub2", "l1", 1000, heartbeat_s=60.0, status=lambda: {},
+                     queue_max_bytes=10_000)
+    try:
+        lone.send("frame", {"kind": "frame", "n": 1}, np.zeros((200, 200), np.float32))
+        assert lone.dropped == 0 and lone._queued_bytes == 160_000
+        lone.send("frame", {"kind": "frame", "n": 2}, big)
+        assert lone.dropped == 1
+    finally:
+        lone._sock.close(linger=0)  # never started: nothing to stop
