@@ -464,8 +464,12 @@ class ZeroShotEngine:
         for e, m in zip(entries, logits):
             smap = refiner.to_frame(m, e.frame_hw[0], e.frame_hw[1])
             # the ARD refines localisation; the frame's score stays the coarse one (the refined
-            # maps' top-1 % mean ranked frames worse: Kolektor image-AUROC 0.77 vs 0.85 coarse)
-            out[e.frame_id] = EngineOutput(score_map=smap, image_score=coarse[e.frame_id].image_score)
+            # maps' top-1 % mean ranked frames worse: Kolektor image-AUROC 0.77 vs 0.85 coarse),
+            # but never above the refined map's peak: an NG score must have a region above the
+            # threshold in the map it is published with (with the shipped peak bound the peak is
+            # the coarse one, which is never below the coarse score, so this changes nothing)
+            score = min(coarse[e.frame_id].image_score, float(smap.max()))
+            out[e.frame_id] = EngineOutput(score_map=smap, image_score=score)
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [self.scorer.fine(e.feat) for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],

@@ -263,6 +263,25 @@ def test_non_finite_refined_maps_fall_back_to_the_coarse_maps():
         eng.close()
 
 
+def test_a_refined_score_is_never_above_its_refined_map():
+    """A decoder that lowers a frame's whole hot spot (possible without the peak bound) must not
+    leave a coarse NG score over a map with no region above it (the inspector would call it OK)."""
+    from linewatch.config import RefineConfig
+
+    eng = _engine()
+    eng.enable_refinement(RefineConfig(steps=1, samples_per_lot=2, batch_size=1, crop_px=32, width=4))
+    try:
+        eng.refiner.refine = lambda images, feats, z, ard: [np.zeros(im.shape[:2], np.float32) for im in images]
+        eng.refiner.submit = lambda job: None  # no training here
+        eng.keep_coarse = True
+        eng.infer(_frames(4, defect_at=1), _metas(0, 4, "a"))
+        out = eng.lot_closed("a")
+        assert eng.last_coarse[1].image_score > 0
+        assert all(o.image_score <= float(o.score_map.max()) for o in out.values())
+    finally:
+        eng.close()
+
+
 def test_topk_mean_can_keep_the_count_of_the_first_references():
     d = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.25]])
     # k = round(0.5 * 4) = 2 of all six columns: the two memory columns win the choice
