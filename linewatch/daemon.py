@@ -329,7 +329,8 @@ class Daemon:
                 "publisher": now - self.publisher.t_heartbeat, "control": now - self.control.t_heartbeat,
                 "store-writer": now - self.store.t_heartbeat}
         if not self._source_ended.is_set() and self.source.status.connected:
-            ages["acquire"] = now - self.t_acq_heartbeat
+            # a frame, or the source loop's own sign of life (a triggered line may pause for hours)
+            ages["acquire"] = now - max(self.t_acq_heartbeat, self.source.status.t_alive)
         return ages
 
     def _handlers(self) -> dict[str, Any]:

@@ -29,6 +29,9 @@ class SourceStatus:
     reopen_count: int = 0
     last_error: str = ""
     corrupt_frames: int = 0  # frames the source could not decode (published FAULT)
+    # time.monotonic() of the source loop's last sign of life (a frame, or a wait for one that
+    # ended): a triggered camera may send nothing for hours while its loop is healthy
+    t_alive: float = 0.0
     extra: dict = field(default_factory=dict)
 
 

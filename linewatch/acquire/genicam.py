@@ -460,6 +460,7 @@ class GenicamCamera:
         next_trigger = last_frame = time.monotonic()
         try:
             while not stop.is_set() and not self._closed:
+                self.status.t_alive = time.monotonic()  # each fetch ends within fetch_timeout_s
                 if self._ia is None:
                     if not self._reopen(stop):
                         return

@@ -67,6 +67,16 @@ def test_frames_have_the_configured_shape_and_increasing_ids(opened):
     assert cam.status.connected
 
 
+def test_the_frame_loop_shows_it_is_alive(opened):
+    """What the watchdog reads: a triggered line may send no frame for hours while its loop runs."""
+    import time
+
+    cam = opened()
+    t0 = time.monotonic()
+    take(cam, 2)
+    assert cam.status.t_alive >= t0
+
+
 def test_width_height_nodes_change_the_frame_size(opened):
     cam = opened(nodes={"Width": 200, "Height": 150})
     assert (cam.width, cam.height) == (200, 150)
