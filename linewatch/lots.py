@@ -110,8 +110,19 @@ class LotTracker:
                 self._close("part_count")
 
     def start(self, lot_id: str, recipe: str | None = None) -> str:
-        """PLC `lot start`: close the open lot (if any) and open ``lot_id``."""
+        """PLC `lot start`: close the open lot (if any) and open ``lot_id``.
+
+        A repeated `lot start` of the lot that is open (a PLC retrying after a timeout) changes
+        nothing; with another recipe it is refused (ValueError): closing and reopening a lot of the
+        same id would merge two lots in every per-lot count, summary and tier-2 pass."""
         with self._lock:
+            cur = self.current
+            if cur is not None and lot_id and cur.lot_id == lot_id:
+                if recipe is None or recipe == cur.recipe:
+                    logger.info("lot start %s: already open (a repeated command), nothing changed", lot_id)
+                    return lot_id
+                raise ValueError(f"lot {lot_id!r} is open with recipe {cur.recipe!r}: end it, or start the new "
+                                 f"recipe under another lot id")
             if self.current is not None:
                 self._close("control_start")
             self._open(lot_id or self._new_id(), recipe or self.cfg.recipe, "control")

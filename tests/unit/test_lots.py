@@ -83,3 +83,18 @@ def test_reconfigure_applies_from_the_next_frame():
     lt.reconfigure(LotsConfig(policy="count", part_count=2))
     lt.assign(frame(1, 1001.0))
     assert events[-1].kind is LotEventKind.CLOSED and events[-1].n_frames == 2
+
+
+def test_a_repeated_lot_start_of_the_open_lot_changes_nothing():
+    """A PLC that retries `lot start A` after a timeout must not split A into two lots of one id."""
+    import pytest
+
+    lt, events, _, _ = tracker(policy="control")
+    assert lt.start("A", "housing") == "A"
+    lt.assign(frame(0, 1000.0))
+    assert lt.start("A", "housing") == "A" and lt.start("A") == "A"
+    assert [e.kind.value for e in events] == ["opened"] and lt.current.n_frames == 1
+    with pytest.raises(ValueError, match="open with recipe 'housing'"):
+        lt.start("A", "bracket")
+    assert lt.start("B", "bracket") == "B"
+    assert [(e.kind.value, e.lot_id) for e in events] == [("opened", "A"), ("closed", "A"), ("opened", "B")]
