@@ -580,11 +580,14 @@ class Daemon:
             else:
                 self.inspector.engine.close()
 
+        # the control socket stops before the last lot closes: a `lot start` during the drain
+        # would open a lot that nothing ever closes
         failed = self._run_steps("stopping", [
-            ("acquisition", self._stop_acquisition), ("lot", lambda: self.tracker.end("shutdown")),
-            ("inspector", inspector), ("ring", ring), ("tier 2", tier2), ("control", self.control.stop),
-            ("publisher", self.publisher.stop), ("store", lambda: self.store.stop(timeout_s=30.0)),
-            ("engine", engine), ("telemetry", self.telemetry.close)])
+            ("acquisition", self._stop_acquisition), ("control", self.control.stop),
+            ("lot", lambda: self.tracker.end("shutdown")), ("inspector", inspector), ("ring", ring),
+            ("tier 2", tier2), ("publisher", self.publisher.stop),
+            ("store", lambda: self.store.stop(timeout_s=30.0)), ("engine", engine),
+            ("telemetry", self.telemetry.close)])
         # term() waits for every socket to close; after a failed step one may never close
         self._run_steps("stopping", [("zeromq", lambda: self.ctx.destroy(linger=0) if failed else self.ctx.term()),
                                      ("notifier", self.notifier.close)])
