@@ -446,13 +446,18 @@ class Daemon:
         self.source = src
         self._source_ended.clear()
         if (src.height, src.width, src.channels) != self.ring.shape or new.ring != self.cfg.ring:
+            # the inspector takes everything queued, lot events included, in order: a lot close
+            # handed out from here instead could overtake the inspector's last batch
             deadline = time.monotonic() + new.daemon.drain_timeout_s
-            while self.ring.depth() and time.monotonic() < deadline:
+            while self.ring.pending() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            for item in self.ring.drain_pending():
-                self._not_inspected_left(item, "source restart")
             ring = self._make_ring(new, src)
-            self.tracker._emit = ring.put_event
+
+            def drain_old() -> None:  # under the tracker's lock: no lot event can go to the old ring
+                for item in self.ring.drain_pending():
+                    self._not_inspected_left(item, "source restart")
+
+            self.tracker.redirect(ring.put_event, first=drain_old)
             self.inspector.ring = ring
             self.ring = ring
             if self.inspector.engine is not None:

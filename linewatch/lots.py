@@ -128,6 +128,14 @@ class LotTracker:
             self._open(lot_id or self._new_id(), recipe or self.cfg.recipe, "control")
             return self.current.lot_id  # type: ignore[union-attr]
 
+    def redirect(self, emit: Callable[[LotEvent], None], first: Callable[[], None] | None = None) -> None:
+        """Send later lot events to ``emit`` (a new ring); ``first`` runs under the same lock
+        before, so that no lot event (a `lot start` from the control thread) falls between."""
+        with self._lock:
+            if first is not None:
+                first()
+            self._emit = emit
+
     def end(self, reason: str = "control_end") -> str | None:
         """PLC `lot end` (or shutdown): close the open lot; returns its id or None."""
         with self._lock:

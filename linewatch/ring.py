@@ -253,6 +253,11 @@ class FrameRing:
             self._cond.notify_all()
         return out
 
+    def pending(self) -> int:
+        """Items still queued: frames and lot events."""
+        with self._cond:
+            return len(self._work)
+
     def depth(self) -> int:
         with self._cond:
             return sum(1 for x in self._work if isinstance(x, Handle))

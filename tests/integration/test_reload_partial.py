@@ -37,3 +37,44 @@ def test_a_reload_failing_after_the_source_restart_reports_it_and_keeps_the_runn
     assert fps == 25.0  # the config names the source that runs now
     assert engine_kind == "zeroshot"  # the engine that runs is the previous one
     assert "already restarted" in last_error
+
+
+def test_a_reload_with_a_new_ring_keeps_one_answer_per_frame_and_every_lot_closed(tmp_path: Path):
+    source = {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 100000, "fps": 40.0}
+    cfg = config(tmp_path, source, engine={"kind": "zeroshot", "threads": 1, "input_size": 64},
+                 lots={"part_count": 5}, ring={"slots": 16})
+    new_file = tmp_path / "new.toml"
+    new_file.write_text(
+        f'[source]\nkind = "synthetic"\nwidth = 64\nheight = 64\nn_frames = 100000\nfps = 40.0\n'
+        f'[ring]\nslots = 24\n[lots]\npart_count = 5\n'
+        f'[publish]\nendpoint = "{cfg.publish.endpoint}"\ncontrol_endpoint = "{cfg.publish.control_endpoint}"\n'
+        f'heartbeat_s = 0.5\n'
+        f'[store]\nurl = "{cfg.store.url}"\nspool_dir = "{cfg.store.spool_dir}"\nflush_interval_s = 0.1\n'
+        f'[metrics]\nport = 0\n'
+        f'[engine]\nkind = "zeroshot"\nthreads = 1\ninput_size = 64\n')
+
+    def reload_ring(daemon):
+        import time
+
+        time.sleep(0.5)  # lots are under way
+        daemon.config_path = new_file
+        return daemon._handlers()["reload"]([]), daemon.ring.n_slots if hasattr(daemon.ring, "n_slots") else len(daemon.ring.meta)
+
+    run = run_daemon(cfg, stop_after_s=2.0, timeout_s=180, exit_at_source_end=False, while_running=reload_ring)
+    assert run.error is None and run.rc == 0
+    reply, slots = run.observed
+    assert "source" in reply["restarted"] and slots == 24
+    # the new source numbers its frames afresh: a frame is its id and capture time
+    rows = run.db_frames()
+    keys = [(r["frame_id"], round(r["t_capture"], 6)) for r in rows]
+    assert keys and len(set(keys)) == len(keys)  # every captured frame answered once, across the swap
+    assert len(rows) == len(run.frames())
+    opened = [h["lot_id"] for h in run.lots("opened")]
+    closed = [h["lot_id"] for h in run.lots("closed")]
+    assert sorted(opened) == sorted(closed) and len(set(closed)) == len(closed)  # each lot closed once
+    # every lot's summary counts the frames published for it at tier 1
+    by_lot = {}
+    for h in run.frames():
+        by_lot[h["lot_id"]] = by_lot.get(h["lot_id"], 0) + 1
+    for h in run.lots("closed"):
+        assert sum(v for k, v in h["summary"].items() if k != "tier2") == by_lot.get(h["lot_id"], 0), h

@@ -98,3 +98,14 @@ def test_a_repeated_lot_start_of_the_open_lot_changes_nothing():
         lt.start("A", "bracket")
     assert lt.start("B", "bracket") == "B"
     assert [(e.kind.value, e.lot_id) for e in events] == [("opened", "A"), ("closed", "A"), ("opened", "B")]
+
+
+def test_redirect_sends_later_events_to_the_new_emit_after_the_drain():
+    lt, events, _, _ = tracker(policy="control")
+    lt.start("A")
+    seen, new = [], []
+    lt.redirect(new.append, first=lambda: seen.append(len(events)))
+    lt.start("B")
+    assert seen == [1]  # ran under the lock, before any later event
+    assert [e.kind.value for e in events] == ["opened"]  # A's open, on the old emit
+    assert [(e.kind.value, e.lot_id) for e in new] == [("closed", "A"), ("opened", "B")]

@@ -109,3 +109,13 @@ def test_a_put_that_fails_after_claiming_gives_the_slot_back():
     # both slots are free again: two good frames fit, and nothing was queued or dropped
     assert ring.put(img(2), meta(2)) is not None and ring.put(img(3), meta(3)) is not None
     assert ring.depth() == 2 and not any(ring.drops.values())
+
+
+def test_pending_counts_lot_events_that_depth_leaves_out():
+    """A drain that waits on depth() alone would hand a queued lot close to another thread."""
+    ring, _ = make("block", slots=4)
+    ring.put(img(1), meta(1))
+    ring.put_event(LotEvent(LotEventKind.CLOSED, "L", "r", "part_count", 0.0))
+    assert (ring.depth(), ring.pending()) == (1, 2)
+    ring.take(8, timeout_s=0.1)  # the frame, handed out for inspection
+    assert (ring.depth(), ring.pending()) == (0, 1)  # the close still waits for the inspector
