@@ -245,11 +245,14 @@ class Daemon:
                     break
         except RingClosed:
             return
-        except (SourceError, OSError) as exc:
-            logger.error("source stopped: %s", exc)
-            self.telemetry.source_connected.set(0)
-        except Exception:  # noqa: BLE001 - a bug here must not leave a daemon that serves no frames
-            logger.exception("acquisition failed: stopping with exit code 1 so that systemd restarts the daemon")
+        except Exception as exc:  # noqa: BLE001 - a source that fails must not leave a daemon serving no frames
+            # a source's normal end is the end of its frames; an error (a camera the source could
+            # not reopen, a replay folder that vanished) is a failure, not an end: treated as one it
+            # left a live line idle with exit code 0, which systemd does not restart
+            if isinstance(exc, (SourceError, OSError)):
+                logger.error("source failed: %s: stopping with exit code 1 so that systemd restarts the daemon", exc)
+            else:
+                logger.exception("acquisition failed: stopping with exit code 1 so that systemd restarts the daemon")
             self.telemetry.source_connected.set(0)
             self.exit_code = 1
             self._wake("stop")

@@ -111,6 +111,28 @@ def test_acquisition_that_crashes_stops_the_daemon_with_exit_code_1(tmp_path, mo
     assert {h["frame_id"] for h in run.frames()} <= set(range(5))
 
 
+def test_a_source_that_fails_mid_run_stops_the_daemon_with_exit_code_1(tmp_path, monkeypatch):
+    """A source error is not a source end: a live line must not sit idle with exit code 0
+    (systemd restarts a daemon that exits 1)."""
+    from linewatch.acquire.base import SourceError
+    from linewatch.acquire.synthetic import SyntheticLine
+
+    real = SyntheticLine.frames
+
+    def failing(self, stop):
+        for k, frame in enumerate(real(self, stop)):
+            if k == 5:
+                raise SourceError("camera gone and could not be reopened")
+            yield frame
+
+    monkeypatch.setattr(SyntheticLine, "frames", failing)
+    cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 100000, "fps": 50},
+                 engine={"kind": "zeroshot", "threads": 1, "input_size": 64})
+    run = run_daemon(cfg, timeout_s=120, exit_at_source_end=False)
+    assert run.error is None and run.rc == 1
+    assert {h["frame_id"] for h in run.frames()} == set(range(5))  # what came before is answered
+
+
 def test_an_engine_that_fails_to_warm_up_is_a_one_line_startup_error(tmp_path, monkeypatch):
     """Warm-up loads what engines load lazily (a sentence encoder, GPU buffers): a failure there
     is a start-up error naming the engine, like a missing checkpoint."""
