@@ -98,6 +98,11 @@ class StoreWriter:
         return self._lost_rows + (sp.dropped_rows + sp.bad_lines if sp is not None else 0)
 
     @property
+    def spool_sync_errors(self) -> int:
+        """Spool segments whose sync to disk failed when sealed (their rows are kept)."""
+        return self._spool.sync_errors if self._spool is not None else 0
+
+    @property
     def spool_rows(self) -> int:
         """Rows waiting in the on-disk spool now."""
         return self._spool.rows if self._spool is not None else 0
@@ -107,7 +112,7 @@ class StoreWriter:
         return {k: getattr(self, k) for k in (
             "rows_written", "batches", "spooled_rows", "overflow_rows", "replayed_rows",
             "spool_dropped_rows", "duplicate_rows", "rejected_rows", "db_errors", "db_up",
-            "queue_depth", "spool_rows")}
+            "queue_depth", "spool_rows", "spool_sync_errors")}
 
     def submit_result(self, result: Result, t_publish: float) -> None:
         """Queue a tier-1 or tier-2 result (by ``result.tier``) with its regions."""
