@@ -93,3 +93,25 @@ def test_eval_with_lots_too_small_to_judge_is_a_one_line_error(tmp_path, capsys)
                  "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "too few to set its score scale" in err and "--lot-size" in err and "Traceback" not in err
+
+
+def test_the_refined_row_says_how_many_frames_a_trained_ard_refined():
+    """The first lot of a run has no ARD yet; a data set that is one lot gets no refinement at all,
+    and the report must say so rather than show coarse maps as 'refined'."""
+    from linewatch import datasets as ds
+    from linewatch.config import RefineConfig, ZeroShotEngine
+    from linewatch.evaluate import evaluate
+
+    samples = ds.list_samples(MT, "auto")
+    good = [s for s in samples if not s.defective][:9]
+    bad = [s for s in samples if s.defective and s.kind in KINDS][:3]
+    lots = [good[k * 3:(k + 1) * 3] + [bad[k]] for k in range(3)]
+    engine = ZeroShotEngine(threads=2, tier2_references=4)
+    refine = RefineConfig(enabled=True, steps=8, samples_per_lot=4, batch_size=2, crop_px=32, width=4)
+    info: dict = {}
+    results, order, _ = evaluate(lots, ["coarse", "refined"], engine, refine_cfg=refine, info=info, progress=False)
+    assert len(order) == 12 and info["pgt_rounds"] >= 1
+    assert info["refined_frames_with_ard"] == 8  # lots 2 and 3, refined by the ARD of lots 1 and 2
+    one: dict = {}
+    evaluate([sum(lots, [])], ["coarse", "refined"], engine, refine_cfg=refine, info=one, progress=False)
+    assert one["refined_frames_with_ard"] == 0
