@@ -331,13 +331,13 @@ class ZeroShotEngine:
         return out.copy() if np.shares_memory(out, image) else out  # never keep a view of the ring
 
     def _references(self, i: int, metas: Sequence[FrameMeta], entries: list[_Entry],
-                    finite: Sequence[bool] | None = None) -> list[zs.Reference]:
+                    finite: Sequence[bool]) -> list[zs.Reference]:
         """Frame ``i``'s references: the batch's other frames of its lot (``finite`` ones only),
         newest first, then its lot's kept frames, then the previous lot's, up to the cap."""
         cap = self.cfg.reference_frames
         lot = metas[i].lot_id
         refs = [entries[j].ref for j in range(len(entries) - 1, -1, -1)
-                if j != i and metas[j].lot_id == lot and (finite is None or finite[j])][:cap]
+                if j != i and metas[j].lot_id == lot and finite[j]][:cap]
         if len(refs) < cap:
             bank = self._lots.get(lot, ())
             refs.extend(e.ref for e in list(bank)[::-1][:cap - len(refs)])

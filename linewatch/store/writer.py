@@ -380,13 +380,13 @@ class StoreWriter:
                     self._went_down(exc)
                     return i
                 self._reject(rec, str(exc).splitlines()[0])
-                self._models.clear()
             except _BAD_RECORD as exc:
                 self._reject(rec, repr(exc))
-                self._models.clear()
         return None
 
     def _reject(self, rec: dict[str, Any], why: str) -> None:
+        """Count and log a record whose one-row transaction was rolled back."""
+        self._models.clear()  # that rollback may have voided a model row whose id is cached
         self.rejected_rows += 1
         logger.error("store refused a record, dropped: %s; record: %s", why, json.dumps(rec))
 

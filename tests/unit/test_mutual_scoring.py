@@ -178,7 +178,7 @@ def test_references_prefer_same_lot_most_recent_first_and_are_bounded():
     eng.infer(_frames(2), _metas(4, 2, "b"))
     metas = _metas(6, 2, "b")
     entries = [eng._entry(m, f, (64, 64)) for m, f in zip(metas, eng.features(_frames(2)))]
-    refs = eng._references(0, metas, entries)
+    refs = eng._references(0, metas, entries, [True] * len(entries))
     assert len(refs) == 3
     assert refs[0] is entries[1].ref  # the batch peer first
     bank = list(eng._lots["b"])
