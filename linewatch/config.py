@@ -449,6 +449,10 @@ class StoreConfig(Strict):
                               default=Path("var/spool"))
     spool_max_mb: float = restart("Cap of the on-disk spool; beyond it the oldest spool file is "
                                   "dropped and counted.", default=512.0, gt=0)
+    spool_sync_s: float = restart("Spooled rows are synced to disk this long after they were written "
+                                  "(checked every flush_interval_s), so a power loss takes at most "
+                                  "about this much; 0 = before the write returns (an fsync per batch, "
+                                  "and per row spooled from a full queue).", default=1.0, ge=0, le=60)
     retry_s: float = restart("How often to retry a database that is down.", default=2.0, gt=0)
 
 

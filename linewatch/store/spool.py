@@ -1,8 +1,10 @@
 """The on-disk spool: where store records wait while the database is down (or the queue is full).
 
 Append-only JSON-lines segment files ``seg-<n>.jsonl`` in one folder, oldest first by number.
-Appends go to the newest segment, which is sealed (fsync'd) and replaced by a new one once it
-passes ``segment_bytes``. The total is capped at ``max_mb``: beyond it the oldest segment is
+Appends go to the newest segment, which is synced to disk at most ``sync_interval_s`` after
+each append (0: on every append, before ``append`` returns) and sealed (synced, closed) and
+replaced by a new one once it passes ``segment_bytes``; a power loss takes at most the rows of
+the last interval. The total is capped at ``max_mb``: beyond it the oldest segment is
 deleted and its rows are counted in ``dropped_rows`` and logged as an error. The writer
 replays segments oldest first and deletes each one once all its rows are in the database.
 A spool left by a previous run is picked up by the next one.
@@ -17,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Sequence
@@ -48,15 +51,20 @@ class Spool:
     segment loses at most about that share of the spool.
     """
 
-    def __init__(self, directory: Path | str, max_mb: float, segment_bytes: int | None = None):
+    def __init__(self, directory: Path | str, max_mb: float, segment_bytes: int | None = None,
+                 sync_interval_s: float = 0.0):
         self.directory = Path(directory)
+        self.sync_interval_s = sync_interval_s
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.segment_bytes = segment_bytes or max(MIN_SEGMENT_BYTES,
                                                   min(MAX_SEGMENT_BYTES, self.max_bytes // 8))
         self.dropped_rows = 0  # rows in segments deleted to keep under the cap
         self.bad_lines = 0  # unreadable lines met while replaying
         self.appended_rows = 0
-        self.sync_errors = 0  # segments whose sync to disk failed when sealed (logged; rows kept)
+        self.sync_errors = 0  # syncs to disk that failed (logged; the rows stay for replay)
+        self.syncs = 0
+        self._unsynced_since: float | None = None  # monotonic time of the oldest unsynced append
+        self._clock = time.monotonic
         self._lock = threading.Lock()
         self._rows: dict[Path, int] = {}  # rows per segment, oldest first (insertion order)
         self._bytes: dict[Path, int] = {}
@@ -113,8 +121,43 @@ class Spool:
             self._rows[self._current_path] += len(records)
             self._bytes[self._current_path] += len(data)
             self.appended_rows += len(records)
+            if self._unsynced_since is None:
+                self._unsynced_since = self._clock()
+            if self.sync_interval_s <= 0:
+                self._sync_locked()
             self._enforce_cap_locked()
         return len(records)
+
+    def sync_if_due(self) -> None:
+        """Sync the open segment when its oldest unsynced append is ``sync_interval_s`` old
+        (the writer thread calls this on every pass of its loop)."""
+        with self._lock:
+            if (self._unsynced_since is not None
+                    and self._clock() - self._unsynced_since >= self.sync_interval_s):
+                self._sync_locked()
+
+    def sync(self) -> None:
+        """Sync the open segment now."""
+        with self._lock:
+            self._sync_locked()
+
+    def _sync_locked(self) -> bool:
+        """fsync the open segment; a failure (EIO, a full disk) is logged and counted, never
+        raised: the rows are written and stay for replay unless the machine loses power."""
+        self._unsynced_since = None
+        current, path = self._current, self._current_path
+        if current is None:
+            return True
+        try:
+            current.flush()
+            os.fsync(current.fileno())
+        except (OSError, ValueError) as exc:
+            self.sync_errors += 1
+            logger.error("spool segment %s not synced to disk (its rows stay for replay): %s",
+                         path.name if path else "?", exc)
+            return False
+        self.syncs += 1
+        return True
 
     def _open_new_locked(self) -> None:
         self._seal_locked()
@@ -124,6 +167,7 @@ class Spool:
             self._current = open(path, "ab")
         except OSError as exc:
             raise SpoolError(f"cannot create spool segment {path}: {exc.strerror or exc}") from None
+        _sync_folder(self.directory)  # the new file's name survives a power loss too
         self._current_path = path
         self._rows[path] = 0
         self._bytes[path] = 0
@@ -132,19 +176,14 @@ class Spool:
         """Close the open segment. It is let go whatever happens: a failed sync (EIO, a full disk)
         is logged and counted, and the next append opens a new segment (a segment left open
         but closed would refuse every later append)."""
-        current, path = self._current, self._current_path
+        current = self._current
         if current is None:
             return
-        self._current = None
-        self._current_path = None
         try:
-            current.flush()
-            os.fsync(current.fileno())
-        except (OSError, ValueError) as exc:
-            self.sync_errors += 1
-            logger.error("spool segment %s not synced to disk (its rows stay for replay): %s",
-                         path.name if path else "?", exc)
+            self._sync_locked()
         finally:
+            self._current = None
+            self._current_path = None
             try:
                 current.close()
             except OSError:
@@ -221,6 +260,21 @@ def _count_lines(path: Path) -> int:
         while chunk := fh.read(1 << 20):
             n += chunk.count(b"\n")
     return n
+
+
+def _sync_folder(directory: Path) -> None:
+    """fsync a folder so a file created in it is still listed after a power loss (best effort:
+    some file systems refuse it, and the rows are written either way)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: Path) -> None:

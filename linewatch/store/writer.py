@@ -153,7 +153,7 @@ class StoreWriter:
             db.prepare_sqlite_path(path)
         try:
             if self._spool is None:
-                self._spool = Spool(Path(self.cfg.spool_dir), self.cfg.spool_max_mb)
+                self._spool = self._new_spool()
         except SpoolError as exc:
             raise StoreError(f"store.spool_dir: {exc}") from None
         self._engine = db.make_engine(parsed)
@@ -220,8 +220,10 @@ class StoreWriter:
         try:
             with self._count_lock:
                 if self._spool is None:  # queue full before start(): open the spool early
-                    self._spool = Spool(Path(self.cfg.spool_dir), self.cfg.spool_max_mb)
+                    self._spool = self._new_spool()
             self._spool.append(records)
+            if self._stopping.is_set():
+                self._spool.sync()  # no writer pass will sync a record that came this late
         except SpoolError as exc:
             with self._count_lock:
                 self._lost_rows += len(records)
@@ -241,6 +243,10 @@ class StoreWriter:
                 rest.append(item)
         if rest:
             self._to_spool_from_caller(rest)
+
+    def _new_spool(self) -> Spool:
+        return Spool(Path(self.cfg.spool_dir), self.cfg.spool_max_mb,
+                     sync_interval_s=self.cfg.spool_sync_s)
 
     def _run(self) -> None:
         try:
@@ -268,6 +274,8 @@ class StoreWriter:
                                      len(batch))
                     self._spool_batch(batch)
                 self.cpu_s += time.thread_time() - c0
+            if self._spool is not None:
+                self._spool.sync_if_due()  # spooled rows reach the disk within spool_sync_s
             now = time.monotonic()
             past_deadline = now >= self._stop_deadline
             try:

@@ -228,6 +228,8 @@ def test_outage_spools_then_replays_without_loss_or_duplicates(pg_db, tmp_path: 
         assert not w.db_up and w.db_errors >= 1
         assert count_results(_url(user, db)) == 30, "nothing reached the database during the cut"
         assert w.spool_rows >= 30
+        # the open segment reaches the disk within spool_sync_s, not only when it is sealed
+        _wait_for(lambda: w._spool is not None and w._spool.syncs >= 1, "the spool synced", w)
 
         proxy.start()  # database back
         _wait_for(lambda: w.db_up and w.spool_rows == 0, "the spool replayed", w)

@@ -288,11 +288,12 @@ def test_spool_over_its_cap_drops_oldest_and_counts_every_lost_row(tmp_path: Pat
 
 
 def test_submit_after_stop_goes_to_the_spool_for_the_next_run(tmp_path: Path, writer_factory) -> None:
-    w = writer_factory()
+    w = writer_factory(spool_sync_s=60)
     w.start()
     w.stop(10)
     w.submit_result(_result(7), T0)  # must not raise into the inspection path, nor vanish
     assert w.spooled_rows == 1
+    assert w._spool is not None and w._spool.syncs == 1, "no writer pass is left to sync it later"
     nxt = writer_factory()
     nxt.start()
     nxt.stop(10)
