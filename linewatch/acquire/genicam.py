@@ -164,24 +164,47 @@ class Resizer:
 class FrameIdSequencer:
     """Turns the device's frame ids into ids that only increase across restarts and reopens.
 
-    The device counter is kept while it increases (its gaps are camera-side loss). When it goes
-    back (a reopened device starts again at 1, a 16-bit block id wraps) the ids are shifted to
-    continue after the last id given out. A device without frame ids gets a local counter.
+    The device counter is kept while it increases (its gaps are camera-side loss). When a 16-bit
+    block id wraps (GigE Vision 1.x: ... 65535, 1, 2 ...; 0 is not a block id) the ids go on as
+    if it had not, so frames lost across the wrap still show as a gap. Any other step back (a
+    device restarted after a reopen starts again at 1) shifts the ids to continue after the last
+    one given out, with no gap: frames lost while the camera was away are counted as the reopen,
+    not as frames. A device without frame ids gets a local counter.
     """
+
+    WRAP = 0xFFFF  # the last 16-bit block id
+    WRAP_WINDOW = 4096  # a step back from within this of WRAP to within this of 1 is a wrap
 
     def __init__(self) -> None:
         self.last: int | None = None
+        self._last_raw: int | None = None
         self._offset = 0
+        self.wraps = 0
+
+    def reopened(self) -> None:
+        """The device was reopened: its next id starts a new count, whatever it is."""
+        self._last_raw = None
 
     def next(self, raw: int | None) -> int:
         if raw is None:
             self.last = 0 if self.last is None else self.last + 1
             return self.last
+        prev_raw, self._last_raw = self._last_raw, raw
         out = raw + self._offset
-        if self.last is not None and out <= self.last:
-            self._offset = self.last + 1 - raw
+        if self.last is None or out > self.last:
+            self.last = out
+            return out
+        if (prev_raw is not None and self.WRAP - self.WRAP_WINDOW <= prev_raw <= self.WRAP
+                and 0 <= raw <= self.WRAP_WINDOW):
+            lost = (self.WRAP - prev_raw) + max(0, raw - 1)
+            out = self.last + 1 + lost
+            self.wraps += 1
+            logger.info("device block id wrapped (%d -> %d): ids continue at %d, %d frames lost "
+                        "across the wrap", prev_raw, raw, out, lost)
+        else:
             out = self.last + 1
             logger.info("device frame id went back to %d; ids continue at %d", raw, out)
+        self._offset = out - raw
         self.last = out
         return out
 
@@ -585,6 +608,7 @@ class GenicamCamera:
             if (self._cam_height, self._cam_width) != self._opened_shape:
                 logger.warning("camera %s came back as %dx%d; frames resized to %dx%d", self.name,
                                self._cam_width, self._cam_height, self.width, self.height)
+            self._ids.reopened()  # its counter starts again: not a wrap
             self.status.reopen_count += 1
             self.status.connected = True
             logger.info("camera %s reopened (%d reopens so far)", self.name,

@@ -90,6 +90,28 @@ def test_frame_ids_keep_device_gaps_and_never_go_back():
     assert seq.next(4) == 10  # a repeated id is moved on, not repeated
 
 
+def test_a_16_bit_block_id_wrap_keeps_the_frames_lost_across_it_as_a_gap():
+    """Regression: a GigE Vision 1.x block id runs ... 65535, 1, 2 (0 is not an id). The ids used
+    to continue after the last one with no gap, so frames lost across the wrap were not counted."""
+    seq = FrameIdSequencer()
+    assert [seq.next(i) for i in (65533, 65534, 65535, 1, 2)] == [65533, 65534, 65535, 65536, 65537]
+    assert seq.wraps == 1
+    seq = FrameIdSequencer()
+    # 65535 and 1..2 lost: a gap of 3 ids across the wrap, as the daemon counts camera loss
+    assert [seq.next(i) for i in (65533, 65534, 3, 4)] == [65533, 65534, 65538, 65539]
+    # a device counting from 0 wraps with no gap either
+    seq = FrameIdSequencer()
+    assert [seq.next(i) for i in (65534, 65535, 0, 1)] == [65534, 65535, 65536, 65537]
+
+
+def test_a_reopened_device_near_the_end_of_its_counter_is_not_taken_for_a_wrap():
+    seq = FrameIdSequencer()
+    assert [seq.next(i) for i in (65530, 65531)] == [65530, 65531]
+    seq.reopened()
+    assert [seq.next(i) for i in (5, 6)] == [65532, 65533]  # no gap: a restart, counted as a reopen
+    assert seq.wraps == 0
+
+
 def test_frame_ids_without_a_device_counter_are_counted_locally():
     seq = FrameIdSequencer()
     assert [seq.next(None) for _ in range(3)] == [0, 1, 2]
