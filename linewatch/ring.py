@@ -24,6 +24,8 @@ from .frames import FrameMeta, LotEvent
 
 logger = logging.getLogger(__name__)
 
+DROP_ANSWER_WAIT_S = 5.0  # how long a lot event waits for a dropped frame's answer
+
 
 class OverflowPolicy(str, enum.Enum):
     """What happens when a frame arrives and no slot is free.
@@ -88,6 +90,7 @@ class FrameRing:
         self.on_drop = on_drop
         self.closed = False
         self.drops: collections.Counter[str] = collections.Counter()
+        self._dropping = 0  # on_drop calls under way (made outside the lock)
         self.frames_in = 0
         self.blocked_s = 0.0  # time producers waited for a free slot (policy block)
 
@@ -138,6 +141,7 @@ class FrameRing:
 
     def _claim(self, meta: FrameMeta) -> int | None:
         dropped: FrameMeta | None = None
+        dropped_new: FrameMeta | None = None
         with self._cond:
             if not self._free and self.policy is OverflowPolicy.BLOCK:
                 t0 = time.monotonic()
@@ -173,13 +177,28 @@ class FrameRing:
                 cause = "ring_full_timeout" if self.policy is OverflowPolicy.BLOCK else "ring_full_newest"
                 self.drops[cause] += 1
                 dropped_new = meta
-        if slot is not None:
-            if dropped is not None and self.on_drop:
-                self.on_drop(dropped, "ring_full_oldest")
-            return slot
-        if self.on_drop:
-            self.on_drop(dropped_new, cause)
-        return None
+            if self.on_drop and (dropped is not None or dropped_new is not None):
+                self._dropping += 1
+        if self.on_drop and (dropped is not None or dropped_new is not None):
+            # outside the lock (the answer goes to the publisher and the store), but a lot event
+            # is not handed out until it is done: the dropped frame may be the last of a lot
+            # whose close is queued behind it, and the lot's summary must count it
+            try:
+                if dropped is not None:
+                    self.on_drop(dropped, "ring_full_oldest")
+                else:
+                    self.on_drop(dropped_new, cause)  # type: ignore[arg-type]
+            finally:
+                with self._cond:
+                    self._dropping -= 1
+                    self._cond.notify_all()
+        return slot
+
+    def _wait_drops_locked(self) -> None:
+        """Wait (caller holds ``_cond``) until the drops under way are answered."""
+        if self._dropping and not self._cond.wait_for(lambda: not self._dropping, DROP_ANSWER_WAIT_S):
+            logger.error("a dropped frame's answer took over %.0f s; the lot event goes on without "
+                         "waiting for it", DROP_ANSWER_WAIT_S)
 
     # ------------------------------------------------------------------ consumer side
     def take(self, max_items: int, timeout_s: float | None, wait_fill_s: float = 0.0
@@ -206,6 +225,10 @@ class FrameRing:
                 if isinstance(item, LotEvent):
                     if out:
                         break  # finish the frames before the event
+                    if self._dropping:
+                        self._wait_drops_locked()
+                        if not self._work or self._work[0] is not item:
+                            continue  # drained meanwhile
                     out.append(self._work.popleft())
                     break
                 self._work.popleft()
@@ -241,6 +264,7 @@ class FrameRing:
         """Remove everything still queued (on shutdown); frames come back as their metadata."""
         out: list[FrameMeta | LotEvent] = []
         with self._cond:
+            self._wait_drops_locked()
             while self._work:
                 item = self._work.popleft()
                 if isinstance(item, Handle):

@@ -119,3 +119,39 @@ def test_pending_counts_lot_events_that_depth_leaves_out():
     assert (ring.depth(), ring.pending()) == (1, 2)
     ring.take(8, timeout_s=0.1)  # the frame, handed out for inspection
     assert (ring.depth(), ring.pending()) == (0, 1)  # the close still waits for the inspector
+
+
+def test_a_lot_event_waits_for_the_answer_of_a_frame_dropped_ahead_of_it():
+    """Regression: the dropped frame's NOT_INSPECTED answer is made outside the ring's lock. A
+    drop_oldest that took a lot's last frame let the inspector take that lot's close, queued
+    behind the frame, before the answer was counted: the lot's summary missed the frame."""
+    order: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_answer(m: FrameMeta, cause: str) -> None:
+        entered.set()
+        release.wait(5)
+        order.append(f"answered {m.frame_id}")
+
+    ring = FrameRing(2, 4, 4, 1, "drop_oldest", on_drop=slow_answer)
+    ring.put(img(1), meta(1))  # lot A's last two frames
+    ring.put(img(2), meta(2))
+    ring.put_event(LotEvent(LotEventKind.CLOSED, "A", "r", "part_count", 0.0))
+    producer = threading.Thread(target=ring.put, args=(img(3), meta(3)))  # drops frame 1
+    producer.start()
+    assert entered.wait(5)
+
+    def consume() -> None:
+        items = ring.take(8, timeout_s=1)  # frame 2 (the event ends the batch)
+        assert [ring.view(h)[1].frame_id for h in items] == [2]
+        (ev,) = ring.take(8, timeout_s=5)
+        assert isinstance(ev, LotEvent)
+        order.append("lot closed")
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    consumer.join(0.3)  # without the wait the consumer has the event by now
+    release.set()
+    consumer.join(5)
+    producer.join(5)
+    assert order == ["answered 1", "lot closed"]
