@@ -116,6 +116,7 @@ class Publisher:
         self.cpu_s = 0.0  # CPU seconds of the publisher thread spent encoding and sending
         self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
         self._stop = threading.Event()
+        self._closed = False  # the thread took its last message: later ones are dropped
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.LINGER, 1000)
@@ -128,26 +129,25 @@ class Publisher:
 
     def send(self, kind: str, header: dict[str, Any], payload: np.ndarray | None = None) -> None:
         """Queue one message (any thread). ``payload`` is encoded as PNG in the publisher thread.
-        After ``stop`` has ended the thread, a message is counted as dropped (nothing would send it)."""
-        if self._stop.is_set() and not self._thread.is_alive():
-            with self._drop_lock:
-                self.dropped += 1
-            return
+        After the thread has taken its last message (``stop``), a message is counted as dropped:
+        nothing would send it. The check and the put are one step under the lock, so a message
+        cannot slip into the queue after the thread's last look."""
         size = 0 if payload is None else int(payload.nbytes)
         with self._drop_lock:
-            room = self._queued_bytes + size <= self.queue_max_bytes or not self._queued_bytes
-            if room:
-                self._queued_bytes += size
-        try:
-            if not room:
-                raise queue.Full
-            self._q.put_nowait((kind, header, payload))
-        except queue.Full:
-            with self._drop_lock:
-                if room:
-                    self._queued_bytes -= size
+            if self._closed:
+                self.dropped += 1
+                return
+            if self._queued_bytes + size > self.queue_max_bytes and self._queued_bytes:
                 self.dropped += 1
                 self._gap += 1  # its seq number is skipped by the next message sent
+                return
+            try:
+                self._q.put_nowait((kind, header, payload))
+            except queue.Full:
+                self.dropped += 1
+                self._gap += 1
+                return
+            self._queued_bytes += size
 
     def _run(self) -> None:
         next_hb = time.monotonic()
@@ -162,22 +162,33 @@ class Publisher:
                     self.failed += 1
                     logger.exception("heartbeat could not be built or sent")
             try:
-                kind, header, payload = self._q.get(timeout=min(0.2, max(0.0, next_hb - now)))
+                item = self._q.get(timeout=min(0.2, max(0.0, next_hb - now)))
             except queue.Empty:
                 if self._stop.is_set():
                     break
                 continue
-            if payload is not None:
-                with self._drop_lock:
-                    self._queued_bytes -= int(payload.nbytes)
-            c0 = time.thread_time()
+            self._publish(*item)
+        with self._drop_lock:
+            self._closed = True
+        while True:  # what was queued between the last look and closing still goes out
             try:
-                self._emit(kind, header, payload)
-            except Exception:  # noqa: BLE001 - e.g. a map PNG cannot encode: counted, the rest goes on
-                self.failed += 1
-                logger.exception("could not publish a %s message", kind)
-            self.cpu_s += time.thread_time() - c0
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            self._publish(*item)
         self._sock.close(linger=1000)
+
+    def _publish(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:
+        if payload is not None:
+            with self._drop_lock:
+                self._queued_bytes -= int(payload.nbytes)
+        c0 = time.thread_time()
+        try:
+            self._emit(kind, header, payload)
+        except Exception:  # noqa: BLE001 - e.g. a map PNG cannot encode: counted, the rest goes on
+            self.failed += 1
+            logger.exception("could not publish a %s message", kind)
+        self.cpu_s += time.thread_time() - c0
 
     def _emit(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:
         with self._drop_lock:

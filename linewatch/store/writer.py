@@ -59,6 +59,7 @@ class StoreWriter:
         self._stopping = threading.Event()
         self._stop_deadline = float("inf")
         self._count_lock = threading.Lock()
+        self._gate = threading.Lock()  # orders a submit's queue put against stop()
         self._engine: Engine | None = None
         self._models = ModelCache()
         self._spool: Spool | None = None
@@ -177,7 +178,8 @@ class StoreWriter:
         if self._thread is None or self._stopped is not None:
             return True if self._stopped is None else self._stopped
         self._stop_deadline = time.monotonic() + 0.8 * timeout_s
-        self._stopping.set()
+        with self._gate:  # from here every submit goes to the spool; none can slip in behind
+            self._stopping.set()
         try:
             self._queue.put_nowait(_STOP)  # only to wake the thread; it also reads _stopping
         except queue.Full:
@@ -202,18 +204,22 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ internals
     def _enqueue(self, record: dict[str, Any]) -> None:
-        if self._stopping.is_set():
-            if not self._late_warned:
-                logger.warning("store writer is stopping: late records go to the spool")
-                self._late_warned = True
-            self._to_spool_from_caller([record])
-            return
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
+        with self._gate:  # the check and the put are one step against stop() setting _stopping
+            late = self._stopping.is_set()
+            full = False
+            if not late:
+                try:
+                    self._queue.put_nowait(record)
+                    return
+                except queue.Full:
+                    full = True
+        if late and not self._late_warned:
+            logger.warning("store writer is stopping: late records go to the spool")
+            self._late_warned = True
+        if full:
             with self._count_lock:
                 self.overflow_rows += 1
-            self._to_spool_from_caller([record])
+        self._to_spool_from_caller([record])
 
     def _to_spool_from_caller(self, records: list[dict[str, Any]]) -> None:
         """Spool from a submitting thread; never raises into the inspection path."""

@@ -102,3 +102,40 @@ def test_payload_maps_are_bounded_in_bytes_in_the_queue(tmp_path):
         assert lone.dropped == 1
     finally:
         lone._sock.close(linger=0)  # never started: nothing to stop
+
+
+def test_a_message_sent_as_the_thread_takes_its_last_look_still_goes_out(tmp_path):
+    """Regression: send() checked for a stopped thread, then queued. A message queued just after
+    the thread's last look at the queue (a stage overrunning its stop timeout at shutdown) stayed
+    in the queue for ever: neither sent nor counted as dropped."""
+    import queue as queue_mod
+
+    ctx = zmq.Context.instance()
+    pub = Publisher(ctx, f"ipc://{tmp_path}/pub", "l1", 1000, heartbeat_s=60.0, status=lambda: {})
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(pub.endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"linewatch.l1.frame")
+    real_get, late = pub._q.get, []
+
+    def get_then_a_late_send(block=True, timeout=None):
+        try:
+            return real_get(block, timeout)
+        except queue_mod.Empty:
+            if pub._stop.is_set() and not late:
+                late.append(1)
+                pub.send("frame", {"kind": "frame", "n": 9})  # lands after the empty look
+            raise
+
+    pub._q.get = get_then_a_late_send
+    try:
+        time.sleep(0.3)  # the subscription reaches the PUB socket
+        pub.start()
+        pub.stop(2.0)
+        assert late, "the late send was made"
+        got = [json.loads(sub.recv_multipart()[1]) for _ in range(1) if sub.poll(2000)]
+        assert [h.get("n") for h in got] == [9]
+        assert pub._q.empty() and pub.dropped == 0
+        pub.send("frame", {"kind": "frame", "n": 10})  # after the thread's end: counted, not queued
+        assert pub.dropped == 1 and pub._q.empty()
+    finally:
+        sub.close(linger=0)

@@ -298,3 +298,27 @@ def test_submit_after_stop_goes_to_the_spool_for_the_next_run(tmp_path: Path, wr
     nxt.start()
     nxt.stop(10)
     assert count_results(w.cfg.url) == 1 and nxt.replayed_rows == 1
+
+
+def test_a_submit_racing_stop_is_written_not_left_in_the_queue(tmp_path: Path, writer_factory) -> None:
+    """Regression: a submit that checked 'not stopping' and then queued its record after stop()
+    had spooled the rest of the queue left that record in memory: neither written nor spooled."""
+    import threading
+
+    w = writer_factory()
+    w.start()
+    real_put, stopper = w._queue.put_nowait, []
+
+    def put_after_a_stop(item):
+        if not stopper and item is not None and isinstance(item, dict):
+            t = threading.Thread(target=w.stop, args=(10,))
+            stopper.append(t)
+            t.start()
+            t.join(0.5)  # the old code finished the whole stop here, before the put
+        real_put(item)
+
+    w._queue.put_nowait = put_after_a_stop
+    w.submit_result(_result(1), T0)
+    stopper[0].join(10)
+    assert count_results(w.cfg.url) + w.spool_rows == 1
+    assert w.queue_depth == 0
