@@ -113,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="group = one lot per natural group (a kolektor item); size = consecutive "
                              "lots of --lot-size; magnetic = lots of --lot-size with ~10%% defective")
     parser.add_argument("--lot-size", type=int, default=32, help="frames per lot for size/magnetic")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for size/magnetic lots")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="shuffle seed for size/magnetic lots and an MVTec category's frames")
     parser.add_argument("--config", type=Path, default=None,
                         help="config.toml whose [engine] and [inspect] sections are used")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/<data name>)")
@@ -129,12 +130,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(from the ground truth); default: the zero-shot choice as in the daemon")
 
 
-def _lots(args, samples: list[ds.Sample]) -> list[list[ds.Sample]]:
+def _lots(args, samples: list[ds.Sample], layout: str = "") -> list[list[ds.Sample]]:
     if args.lots == "magnetic":
         return ds.magnetic_tile_lots(samples, lot_size=args.lot_size, seed=args.seed)
     if args.lots == "size":
         return ds.group_lots(samples, "size", args.lot_size, shuffle_seed=args.seed)
-    return ds.group_lots(samples, "group")
+    # an MVTec category's lot is its test folder, kind after kind. Streamed in that order, a
+    # frame's tier-1 references (the frames just before it) show the same kind of defect, which
+    # hides it; its frames go in a fixed shuffled order. A KolektorSDD item keeps its own order.
+    return ds.group_lots(samples, "group", shuffle_seed=args.seed if layout == "mvtec" else None)
 
 
 def _engine_config(path: Path | None):
@@ -490,7 +494,7 @@ def run(args) -> int:
         return 2
     categories = {}
     for name, cat_samples in _categories(samples, layout).items():
-        lots = _lots(args, cat_samples)
+        lots = _lots(args, cat_samples, layout)
         if args.limit_lots:
             lots = lots[:args.limit_lots]
         if not lots:

@@ -162,3 +162,22 @@ def test_a_mask_of_another_size_than_its_image_is_an_error_unless_resizing(tmp_p
     with pytest.raises(ValueError, match="is 10x20, its image 20x10"):
         load_mask(tmp_path / "m.png", (10, 20))  # transposed
     assert resize_mask(load_mask(tmp_path / "m.png", (20, 10)), (40, 20)).sum() == 36
+
+
+def test_an_mvtec_category_is_streamed_in_a_fixed_shuffled_order_a_kolektor_item_in_its_own():
+    """Regression: an MVTec category went through `linewatch eval` kind after kind, so each frame's
+    tier-1 references were frames with its own kind of defect."""
+    from types import SimpleNamespace
+
+    from linewatch.datasets import Sample
+    from linewatch.evaluate import _lots
+
+    kinds = ["crack"] * 10 + ["good"] * 10 + ["hole"] * 10
+    samples = [Sample(Path(f"{k}/{i:03d}.png"), None, k, "bottle", True) for i, k in enumerate(kinds)]
+    args = SimpleNamespace(lots="group", seed=0, lot_size=32)
+    (lot,) = _lots(args, samples, "mvtec")
+    assert sorted(s.image.name for s in lot) == sorted(s.image.name for s in samples)
+    assert [s.kind for s in lot] != kinds, "not in folder order"
+    assert _lots(args, samples, "mvtec") == [lot], "the same order every run"
+    (item,) = _lots(args, samples, "kolektor")
+    assert item == samples
