@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -89,8 +90,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.connect(args.endpoint)
     sock.setsockopt_string(zmq.SUBSCRIBE, args.topic)
-    last_seq: int | None = None
-    gaps = n = 0
+    # seq counts every message of a line, all topics: with one topic only, gaps are expected
+    whole_line = len([w for w in args.topic.split(".")[2:] if w]) == 0
+    if not whole_line:
+        print(f"-- topic {args.topic!r} is one kind of message: seq gaps are not counted", file=sys.stderr)
+    last_seq: dict[str, int] = {}  # per line
+    gaps = n = restarts = 0
     t_end = time.monotonic() + args.seconds if args.seconds else None
     try:
         while args.count == 0 or n < args.count:
@@ -100,11 +105,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 continue
             parts = sock.recv_multipart()
             header = json.loads(parts[1])
-            seq = header.get("seq")
-            if last_seq is not None and seq is not None and seq != last_seq + 1:
-                gaps += seq - last_seq - 1
-                print(f"!! seq gap: {seq - last_seq - 1} message(s) missing before seq {seq}", flush=True)
-            last_seq = seq
+            seq, line = header.get("seq"), header.get("line", "")
+            last = last_seq.get(line)
+            if whole_line and last is not None and isinstance(seq, int):
+                if seq <= last:  # a restarted daemon numbers from 1 again: not a gap, unknown loss
+                    restarts += 1
+                    print(f"!! publisher restarted (seq {last} -> {seq}); messages lost meanwhile are "
+                          "not known", flush=True)
+                elif seq != last + 1:
+                    gaps += seq - last - 1
+                    print(f"!! seq gap: {seq - last - 1} message(s) missing before seq {seq}", flush=True)
+            if isinstance(seq, int):
+                last_seq[line] = seq
             n += 1
             if args.json:
                 print(json.dumps(header), flush=True)
@@ -114,7 +126,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         pass
     finally:
         sock.close(linger=0)
-    print(f"-- {n} messages, {gaps} missing (seq gaps)", file=sys.stderr)
+    print(f"-- {n} messages, " + (f"{gaps} missing (seq gaps)" if whole_line else "seq gaps not counted")
+          + (f", {restarts} publisher restarts" if restarts else ""), file=sys.stderr)
     return 0
 
 
@@ -138,10 +151,14 @@ def _one_line(topic: str, h: dict, has_payload: bool) -> str:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    from .control import request
+    from .control import RELOAD_WAIT_S, request
 
+    timeout_s = args.timeout
+    if timeout_s is None:  # a reload is answered when it is done: up to the daemon's own wait
+        timeout_s = RELOAD_WAIT_S + 10.0 if args.command[:1] == ["reload"] else 10.0
     try:
-        reply = request(args.endpoint, " ".join(args.command), timeout_s=args.timeout)
+        # quoted as the shell gave the words: a lot id or recipe with a space stays one word
+        reply = request(args.endpoint, shlex.join(args.command), timeout_s=timeout_s)
     except TimeoutError as exc:
         print(f"linewatch ctl: {exc}", file=sys.stderr)
         return 1
@@ -194,7 +211,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("ctl", help="send a control command (lot start ID RECIPE | lot end | status | reload)")
     s.add_argument("command", nargs="+")
     s.add_argument("--endpoint", default="tcp://127.0.0.1:5557")
-    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the reply (default 10; 70 for reload, which replies when done)")
     s.set_defaults(fn=cmd_ctl)
 
     for name, (module, help_) in PLUGIN_COMMANDS.items():

@@ -38,6 +38,9 @@ class DaemonConfig(Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = live("Logging level.", default="INFO")
     stage_stale_s: float = live("A stage whose heartbeat is older than this stops the systemd "
                                 "watchdog pings (so systemd restarts a hung daemon).", default=10.0, gt=0)
+    tier2_stale_s: float = live("The lot closer inside one lot's tier 2 (whole-lot scoring, "
+                                "refinement: tens of seconds for a large lot on a CPU) counts as hung "
+                                "only after this long.", default=300.0, gt=0)
     drain_timeout_s: float = live("On stop, how long to wait for in-flight frames to be inspected "
                                   "before the rest are published NOT_INSPECTED.", default=10.0, ge=0)
 

@@ -24,6 +24,8 @@ from .publish import bind
 
 logger = logging.getLogger(__name__)
 
+RELOAD_WAIT_S = 60.0  # the control thread waits this long for a reload to finish before replying
+
 
 class ControlServer:
     """Serves control commands; ``handlers`` map a command word to a function of its args."""
@@ -70,21 +72,34 @@ class ControlServer:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            self.t_heartbeat = time.monotonic()
-            if not dict(poller.poll(200)):
-                continue
-            raw = self._sock.recv()
-            self.requests += 1
+        try:
+            while not self._stop.is_set():
+                self.t_heartbeat = time.monotonic()
+                if not dict(poller.poll(200)):
+                    continue
+                try:
+                    self._serve_one()
+                except zmq.ZMQError as exc:  # the thread lives on: a PLC's next request is answered
+                    logger.error("control: request not served: %s", exc)
+        finally:
+            self._sock.close(linger=0)
+
+    def _serve_one(self) -> None:
+        """Receive one request (all its parts: a REP socket must take the whole message before it
+        may reply) and send one reply."""
+        parts = self._sock.recv_multipart()
+        self.requests += 1
+        if len(parts) != 1:
+            reply = {"ok": False, "error": f"one-part message expected, got {len(parts)} parts"}
+        else:
             try:
-                text = raw.decode("utf-8")
+                text = parts[0].decode("utf-8")
             except UnicodeDecodeError:
                 reply = {"ok": False, "error": "command is not UTF-8"}
             else:
                 reply = self.handle(text.strip())
                 logger.info("control: %s -> %s", text.strip(), "ok" if reply.get("ok") else reply.get("error"))
-            self._sock.send(json.dumps(reply, default=str).encode())
-        self._sock.close(linger=0)
+        self._sock.send(json.dumps(reply, default=str).encode())
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop.set()

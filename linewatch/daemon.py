@@ -30,7 +30,7 @@ from . import config as cfgmod
 from .acquire import SourceUnavailable, create_source
 from .acquire.base import Source, SourceError, SourceFrame
 from .config import Config, ConfigError
-from .control import ControlServer
+from .control import RELOAD_WAIT_S, ControlServer
 from .engines import EngineUnavailable, create_engine
 from .engines.base import Engine
 from .frames import FrameMeta, LotEvent, LotEventKind, Result, Verdict
@@ -45,6 +45,9 @@ from .telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 MAX_GAP_FILL = 10_000  # frame-id gaps larger than this are counted but not itemised
+
+
+RELOAD_WATCHDOG_CAP_S = 2 * RELOAD_WAIT_S  # watchdog pings go on this long at most during a reload
 
 
 class StartupError(Exception):
@@ -178,7 +181,8 @@ class Daemon:
         self.ring = self._make_ring(cfg, self.source)
         self.tracker = LotTracker(cfg.lots, self.ring.put_event)
         self.inspector = Inspector(self.ring, self.engine, cfg.inspect, cfg.threshold,
-                                   self.dispatch.result, self.dispatch.lot_event)
+                                   self.dispatch.result, self.dispatch.lot_event,
+                                   on_engine_time=self.telemetry.engine_s.observe)
         self.closer = LotCloser(lambda: self.inspector.engine, cfg.threshold, self.dispatch.ledger,
                                 self.dispatch.lot_closed)
         # threads from here on: a start that fails part-way stops the ones already running
@@ -326,6 +330,14 @@ class Daemon:
         })
         return s
 
+    def _stale_stages(self) -> dict[str, float]:
+        """Stages whose heartbeat is too old (the watchdog is withheld while there are any). The
+        lot closer inside one lot's tier 2 has the longer ``tier2_stale_s``."""
+        d = self.cfg.daemon
+        busy = getattr(self.closer, "busy_since", None) is not None
+        return {k: a for k, a in self._stage_ages().items()
+                if a > (max(d.stage_stale_s, d.tier2_stale_s) if k == "lot-closer" and busy else d.stage_stale_s)}
+
     def _stage_ages(self) -> dict[str, float]:
         now = time.monotonic()
         ages = {"inspector": now - self.inspector.t_heartbeat, "lot-closer": now - self.closer.t_heartbeat,
@@ -338,11 +350,14 @@ class Daemon:
 
     def _handlers(self) -> dict[str, Any]:
         def lot_start(args: list[str]) -> dict[str, Any]:
-            if not args:
-                raise ValueError("usage: lot start <lot_id> [recipe]")
+            if not 1 <= len(args) <= 2:  # a lot id or recipe with a space must be quoted
+                raise ValueError(f"usage: lot start <lot_id> [recipe] (got {len(args)} arguments: {args}; "
+                                 "quote an id or recipe that holds spaces)")
             return {"lot_id": self.tracker.start(args[0], args[1] if len(args) > 1 else None)}
 
         def lot_end(args: list[str]) -> dict[str, Any]:
+            if args:
+                raise ValueError(f"usage: lot end (no arguments; got {args})")
             return {"closed": self.tracker.end()}
 
         def reload(args: list[str]) -> dict[str, Any]:
@@ -350,8 +365,12 @@ class Daemon:
             result: dict[str, Any] = {}
             self._reload_reply = (done, result)
             self.request_reload()
-            if not done.wait(60):
-                raise RuntimeError("reload did not finish within 60 s")
+            end = time.monotonic() + RELOAD_WAIT_S
+            while not done.wait(0.5):
+                self.control.t_heartbeat = time.monotonic()  # waiting on the reload, not hung
+                if time.monotonic() > end:
+                    raise RuntimeError(f"reload did not finish within {RELOAD_WAIT_S:.0f} s")
+            self.control.t_heartbeat = time.monotonic()
             if result.get("errors"):
                 what = ("reload failed part-way" if result.get("restarted") else "reload refused, nothing changed")
                 raise ValueError(f"{what}: " + " | ".join(result["errors"]))
@@ -378,8 +397,7 @@ class Daemon:
         applied, restarted, needs_restart = [], [], []
         try:
             if "source" in changed or "ring" in changed:
-                self._restart_source(new)
-                restarted.append("source")
+                self._restart_source(new, restarted)
             if "engine" in changed or "refine" in changed:
                 engine = self._make_engine(new, self.source)
                 self.inspector.swap_engine(engine)
@@ -427,9 +445,12 @@ class Daemon:
         self.notifier.ready(status="running")
         return {"applied": applied, "restarted": restarted, "needs_daemon_restart": needs_restart}
 
-    def _restart_source(self, new: Config) -> None:
+    def _restart_source(self, new: Config, restarted: list[str]) -> None:
         """Stop acquisition, open the new source, and give the inspector a new ring if the frame
-        shape changed (after the old ring is drained)."""
+        shape changed (after the old ring is drained). Once the new source is open, "source" is
+        in ``restarted`` and acquisition starts again whatever fails after (a new ring that cannot
+        be made, an engine warm-up that fails on the new shape): the frames are then answered,
+        FAULT where they cannot be inspected, instead of a camera left open and never read."""
         self._stop_acquisition()
         try:
             src = self._open_source(new)
@@ -447,7 +468,14 @@ class Daemon:
             self._start_acquisition()
             raise
         self.source = src
+        restarted.append("source")
         self._source_ended.clear()
+        try:
+            self._swap_ring(new, src)
+        finally:
+            self._start_acquisition()
+
+    def _swap_ring(self, new: Config, src: Source) -> None:
         if (src.height, src.width, src.channels) != self.ring.shape or new.ring != self.cfg.ring:
             # the inspector takes everything queued, lot events included, in order: a lot close
             # handed out from here instead could overtake the inspector's last batch
@@ -455,6 +483,7 @@ class Daemon:
             while self.ring.pending() and time.monotonic() < deadline:
                 time.sleep(0.02)
             ring = self._make_ring(new, src)
+            ring.carry_counts(self.ring)  # acquisition is stopped: the old ring's counts are final
 
             def drain_old() -> None:  # under the tracker's lock: no lot event can go to the old ring
                 for item in self.ring.drain_pending():
@@ -465,7 +494,6 @@ class Daemon:
             self.ring = ring
             if self.inspector.engine is not None:
                 self.inspector.engine.warmup(src.height, src.width, src.channels)
-        self._start_acquisition()
 
     def _not_inspected_left(self, item: FrameMeta | LotEvent, why: str) -> None:
         if isinstance(item, LotEvent):
@@ -525,7 +553,7 @@ class Daemon:
                     logger.info("stopping (%s)", what)
                     return
                 if what == "reload":
-                    result = self._reload()
+                    result = self._reload_pinging(wd)
                     reply = getattr(self, "_reload_reply", None)
                     if reply is not None:
                         reply[1].update(result)
@@ -534,12 +562,38 @@ class Daemon:
             self.tracker.tick()
             self._update_gauges()
             if wd is not None and time.monotonic() >= next_wd:
-                stale = {k: a for k, a in self._stage_ages().items() if a > self.cfg.daemon.stage_stale_s}
+                stale = self._stale_stages()
                 if stale:
                     logger.error("watchdog withheld: stale stages %s", stale)
                 else:
                     self.notifier.watchdog_ping()
                 next_wd = time.monotonic() + wd
+
+    def _reload_pinging(self, wd: float | None) -> dict[str, Any]:
+        """A reload (a source reopened, an engine built and warmed up) can outlast the watchdog
+        interval, and only this thread pings: a helper pings meanwhile while the stages that run
+        on (all but acquisition and control) are fresh, for at most ``RELOAD_WATCHDOG_CAP_S``; a
+        reload stuck longer is a hung daemon."""
+        if wd is None:
+            return self._reload()
+        done = threading.Event()
+
+        def ping() -> None:
+            end = time.monotonic() + RELOAD_WATCHDOG_CAP_S
+            while not done.wait(wd) and time.monotonic() < end:
+                stale = {k: a for k, a in self._stale_stages().items() if k not in ("acquire", "control")}
+                if stale:
+                    logger.error("watchdog withheld during reload: stale stages %s", stale)
+                else:
+                    self.notifier.watchdog_ping()
+
+        pinger = threading.Thread(target=ping, name="reload-watchdog", daemon=True)
+        pinger.start()
+        try:
+            return self._reload()
+        finally:
+            done.set()
+            pinger.join()
 
     def _update_gauges(self) -> None:
         t = self.telemetry
@@ -547,7 +601,7 @@ class Daemon:
         t.queue_depth.labels("publisher").set(self.publisher.depth())
         c = self.store.stats()
         t.queue_depth.labels("store").set(c.get("queue_depth", 0))
-        t.store_spooled.set(c.get("spooled_rows", 0) - c.get("replayed_rows", 0))
+        t.store_spooled.set(c.get("spool_rows", 0))  # what the spool holds now, a previous run's too
         t.source_connected.set(1 if self.source.status.connected else 0)
 
     def _install_signals(self) -> dict[int, Any]:

@@ -95,9 +95,11 @@ class Inspector:
     """Tier-1 stage. ``emit`` receives every Result; ``on_lot`` receives lot events in order."""
 
     def __init__(self, ring: FrameRing, engine: Engine, cfg: InspectConfig, thr_cfg: ThresholdConfig,
-                 emit: Callable[[Result], None], on_lot: Callable[[LotEvent], None]):
+                 emit: Callable[[Result], None], on_lot: Callable[[LotEvent], None],
+                 on_engine_time: Callable[[float], None] | None = None):
         self.ring = ring
         self.engine = engine
+        self.on_engine_time = on_engine_time  # seconds of each engine call (the metrics histogram)
         self.cfg = cfg
         self.thr_cfg = thr_cfg
         self.threshold = Threshold(thr_cfg)
@@ -185,9 +187,12 @@ class Inspector:
                 self._fault(meta, f"engine error: {type(exc).__name__}: {exc}")
             return
         finally:
-            self.engine_s += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.engine_s += spent
             self.engine_cpu_s += time.thread_time() - c0
             self.batches += 1
+            if self.on_engine_time is not None:
+                self.on_engine_time(spent)
         t_done = time.time()
         for (h, _, meta), out in zip(batch, outs):
             ring.release(h)
@@ -230,6 +235,7 @@ class LotCloser:
         self._q: queue.Queue[LotEvent | None] = queue.Queue(queue_max)
         self.t_heartbeat = time.monotonic()
         self.skipped = 0
+        self.busy_since: float | None = None  # monotonic start of the lot being closed, None when idle
         self.refined_lots = 0
         self._thread = threading.Thread(target=self._run, name="lot-closer", daemon=True)
 
@@ -267,7 +273,11 @@ class LotCloser:
                 continue
             if ev is None:
                 return
-            self._close(ev)
+            self.busy_since = time.monotonic()  # one lot's tier 2 may take long: see tier2_stale_s
+            try:
+                self._close(ev)
+            finally:
+                self.busy_since = None
 
     def _close(self, ev: LotEvent) -> None:
         metas, counts = self.ledger.pop(ev.lot_id)

@@ -94,6 +94,14 @@ class FrameRing:
         self.frames_in = 0
         self.blocked_s = 0.0  # time producers waited for a free slot (policy block)
 
+    def carry_counts(self, old: "FrameRing") -> None:
+        """Continue the counters of the ring this one replaces (a reload with a new frame shape),
+        so that status and heartbeats never count backwards."""
+        with self._cond:
+            self.frames_in += old.frames_in
+            self.drops.update(old.drops)
+            self.blocked_s += old.blocked_s
+
     # ------------------------------------------------------------------ producer side
     def put(self, image: np.ndarray, meta: FrameMeta, gt: np.ndarray | None = None) -> Handle | None:
         """Copy a frame into a slot and queue it. Returns None when the frame was dropped."""

@@ -115,3 +115,11 @@ def test_prometheus_metrics_are_served_while_running(tmp_path):
         assert name in text, f"{name} missing from /metrics"
     frames_in = [ln for ln in text.splitlines() if ln.startswith("linewatch_frames_in_total")]
     assert float(frames_in[0].split()[-1]) > 0
+
+    def value(name: str) -> float:
+        (line,) = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+        return float(line.split()[-1])
+
+    # regression: the engine-time histogram was declared but never observed
+    assert value("linewatch_engine_batch_seconds_count") > 0
+    assert value("linewatch_store_spooled_rows") == 0  # the database is up: nothing waits on disk

@@ -58,12 +58,16 @@ def test_a_reload_with_a_new_ring_keeps_one_answer_per_frame_and_every_lot_close
 
         time.sleep(0.5)  # lots are under way
         daemon.config_path = new_file
-        return daemon._handlers()["reload"]([]), daemon.ring.n_slots if hasattr(daemon.ring, "n_slots") else len(daemon.ring.meta)
+        before = daemon.status_brief()["frames_in"]
+        reply = daemon._handlers()["reload"]([])
+        # the new ring continues the old one's counters: status never counts backwards
+        return reply, len(daemon.ring.meta), before, daemon.status_brief()["frames_in"]
 
     run = run_daemon(cfg, stop_after_s=2.0, timeout_s=180, exit_at_source_end=False, while_running=reload_ring)
     assert run.error is None and run.rc == 0
-    reply, slots = run.observed
+    reply, slots, frames_before, frames_after = run.observed
     assert "source" in reply["restarted"] and slots == 24
+    assert frames_after >= frames_before > 0
     # the new source numbers its frames afresh: a frame is its id and capture time
     rows = run.db_frames()
     keys = [(r["frame_id"], round(r["t_capture"], 6)) for r in rows]
@@ -78,3 +82,40 @@ def test_a_reload_with_a_new_ring_keeps_one_answer_per_frame_and_every_lot_close
         by_lot[h["lot_id"]] = by_lot.get(h["lot_id"], 0) + 1
     for h in run.lots("closed"):
         assert sum(v for k, v in h["summary"].items() if k != "tier2") == by_lot.get(h["lot_id"], 0), h
+
+
+def test_a_reload_whose_warm_up_fails_on_the_new_frame_size_keeps_reading_the_new_camera(tmp_path: Path):
+    """Regression: once the new source was open, a failure after it (an engine warm-up that runs
+    out of GPU memory on the new frame size) skipped the restart of acquisition: the camera stayed
+    open and unread, the line idle, and the reply said "nothing changed"."""
+    import time
+
+    source = {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 100000, "fps": 20.0}
+    cfg = config(tmp_path, source, engine={"kind": "zeroshot", "threads": 1, "input_size": 64})
+    new_file = tmp_path / "new.toml"
+    new_file.write_text(
+        f'[source]\nkind = "synthetic"\nwidth = 96\nheight = 96\nn_frames = 100000\nfps = 20.0\n'
+        f'[publish]\nendpoint = "{cfg.publish.endpoint}"\ncontrol_endpoint = "{cfg.publish.control_endpoint}"\n'
+        f'heartbeat_s = 0.5\n'
+        f'[store]\nurl = "{cfg.store.url}"\nspool_dir = "{cfg.store.spool_dir}"\nflush_interval_s = 0.1\n'
+        f'[metrics]\nport = 0\n'
+        f'[engine]\nkind = "zeroshot"\nthreads = 1\ninput_size = 64\n')
+
+    def reload_failing_warm_up(daemon):
+        def out_of_memory(*args):
+            raise RuntimeError("CUDA out of memory")
+
+        daemon.config_path = new_file
+        daemon.inspector.engine.warmup = out_of_memory
+        with pytest.raises(ValueError, match="reload failed part-way") as err:
+            daemon._handlers()["reload"]([])
+        before = daemon.ring.frames_in
+        time.sleep(1.0)
+        return str(err.value), before, daemon.ring.frames_in, daemon.ring.shape
+
+    run = run_daemon(cfg, stop_after_s=1.0, timeout_s=180, exit_at_source_end=False,
+                     while_running=reload_failing_warm_up)
+    assert run.error is None and run.rc == 0
+    message, before, after, shape = run.observed
+    assert "already restarted on the new config: source" in message and "CUDA out of memory" in message
+    assert shape[:2] == (96, 96) and after > before  # the new camera's frames keep coming in
