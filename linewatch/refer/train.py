@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 
@@ -78,6 +79,46 @@ def with_tags(sentence: str, tags, product: str, rng: random.Random) -> str:
     return compose([rng.choice(TAG_TEMPLATES)], [phrase], product, "", tags)[0]
 
 
+_H_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_V_WORDS = {"top": "bottom", "bottom": "top", "upper": "lower", "lower": "upper",
+            "topmost": "bottommost", "bottommost": "topmost"}
+_POSITION_WORD = re.compile(r"\b(" + "|".join(sorted({*_H_WORDS, *_V_WORDS}, key=len, reverse=True)) + r")\b",
+                            re.IGNORECASE)
+
+
+def flip_sentence(sentence: str, horizontal: bool, vertical: bool) -> str:
+    """The sentence for the image mirrored left-right (``horizontal``) and/or top-bottom: its
+    position words swapped (left <-> right, top <-> bottom, upper <-> lower), case kept."""
+    if not (horizontal or vertical):
+        return sentence
+
+    def swap(m: re.Match) -> str:
+        word = m.group(0)
+        low = word.lower()
+        new = (_H_WORDS.get(low) if horizontal else None) or (_V_WORDS.get(low) if vertical else None)
+        if new is None:
+            return word
+        return new.capitalize() if word[0].isupper() else new
+
+    return _POSITION_WORD.sub(swap, sentence)
+
+
+def _check_resume(blob: dict, doc: dict, train_paths: list[str], ckpt_path: Path) -> None:
+    """A resumed run must train on the split it started on: another data set, split seed or
+    training set would leave the checkpoint trained on images it does not list as its training
+    images (and an evaluation would score them as held out)."""
+    had = blob.get("train_images")
+    for what, before, now in (("data set", blob.get("data_name"), doc.get("name", "")),
+                              ("split seed", blob.get("split_seed"), doc.get("seed"))):
+        if before is not None and before != now:
+            raise ValueError(f"--resume: {ckpt_path} was trained on {what} {before!r}, this run uses {now!r}; "
+                             f"train into a new --out folder")
+    if had is not None and sorted(had) != train_paths:
+        raise ValueError(f"--resume: {ckpt_path} was trained on another training split "
+                         f"({len(had)} images, {len(set(had) - set(train_paths))} not in this one); "
+                         f"train into a new --out folder")
+
+
 def _flip(t: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
     dims = ([-1] if h else []) + ([-2] if v else [])
     return t.flip(dims) if dims else t
@@ -119,6 +160,8 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
     train_items = rdata.load_items(doc, "train", config.image_hw)
     # recorded in the checkpoint: an evaluation of the checkpoint leaves these images out
     train_paths = sorted({it.path for it in train_items})
+    if blob is not None:
+        _check_resume(blob, doc, train_paths, ckpt_path)
     test_items = rdata.load_items(doc, "test", config.image_hw)
     if not train_items:
         raise rdata.ReferDataError("no training samples in the data document")
@@ -175,10 +218,11 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
             if tag_prob > 0:
                 picks = [(with_tags(s, tags[i], product, rng) if rng.random() < tag_prob else s, k)
                          for (s, k), i in zip(picks, idx)]
-            enc = text.encode([s for s, _ in picks]).to(dev)
+            hf, vf = rng.random() < 0.5, rng.random() < 0.5
+            # a mirrored image is described mirrored: "top left" on the flipped target is "top right"
+            enc = text.encode([flip_sentence(s, hf, vf) for s, _ in picks]).to(dev)
             keep = torch.tensor([k for _, k in picks], dtype=torch.float32)[:, None, None]
             target = masks_all[idx].float() * keep
-            hf, vf = rng.random() < 0.5, rng.random() < 0.5
             target = _flip(target, hf, vf).to(dev)
             if cached:
                 levels = [_flip(c[idx].float(), hf, vf).to(dev) for c in cache]

@@ -8,6 +8,7 @@ half-written model with a current manifest.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__ as _release
 from .manifest import (Manifest, TensorSpec, manifest_path, onnx_stale_reason, read_manifest, sha256_file,
                        write_json_atomic)
 from .models import ModelSpec, Params, get_spec
@@ -73,10 +75,20 @@ def export_onnx(model: str, params: Params | None, engines_dir: Path, *, opset: 
         model=spec.name, version=spec.version(params, module), weights_hash=spec.weights_hash(params, module),
         params=params, inputs=_specs(spec.input_names, example, axes),
         outputs=_specs(spec.output_names, outputs, axes), opset=opset, torch_version=torch.__version__,
-        onnx_sha256=sha256_file(path), exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        onnx_sha256=sha256_file(path), exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        linewatch_version=exporter_version())
     write_json_atomic(manifest_path(path), manifest.to_json())
     logger.info("exported %s (%s) to %s in %.1f s", spec.name, manifest.version, path, time.perf_counter() - t0)
     return path, manifest
+
+
+def exporter_version() -> str:
+    """The linewatch release and a hash of the network code (``linewatch/models``) that traces
+    the graph: a fixed forward pass with unchanged weights is another export."""
+    h = hashlib.sha256()
+    for f in sorted((Path(__file__).resolve().parents[1] / "models").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"{_release}+{h.hexdigest()[:12]}"
 
 
 def check_onnx(model: str, params: Params | None, engines_dir: Path, *, opset: int = OPSET,
@@ -93,7 +105,8 @@ def check_onnx(model: str, params: Params | None, engines_dir: Path, *, opset: i
     module = spec.build(params) if module is None else module
     return path, onnx_stale_reason(manifest, model=spec.name, version=spec.version(params, module),
                                    weights_hash=spec.weights_hash(params, module), params=params, opset=opset,
-                                   onnx_sha256=digest)
+                                   onnx_sha256=digest, linewatch_version=exporter_version(),
+                                   torch_version=torch.__version__)
 
 
 def ensure_onnx(model: str, params: Params | None, engines_dir: Path, *, opset: int = OPSET) -> tuple[Path, Manifest]:

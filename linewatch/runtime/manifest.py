@@ -2,13 +2,14 @@
 
 An exported ONNX file ``engines/<stem>.onnx`` has a manifest ``engines/<stem>.json``: model name,
 version, weights hash, export parameters, input/output names and shapes (symbolic names for
-dynamic axes), opset, torch version and the ONNX file's own hash. :func:`onnx_stale_reason` says
+dynamic axes), opset, the linewatch and torch versions that traced it and the ONNX file's own
+hash. :func:`onnx_stale_reason` says
 why an existing file must not be used (None when it is current).
 
 A TensorRT plan is cached as ``engines/<stem>-<precision>-<key>.plan`` where ``key`` is
 :func:`plan_key` of everything a plan depends on: weights hash, model version, input shapes (the
 optimisation profile), precision (and the INT8 calibration data), TensorRT version and the GPU's
-compute capability. A changed input gives a different file name, so a stale plan is never even
+compute capability, and the ONNX file's hash. A changed input gives a different file name, so a stale plan is never even
 opened; the plan's own manifest is checked again on load (:func:`plan_stale_reason`).
 """
 
@@ -54,6 +55,9 @@ class Manifest:
     exported_utc: str
     format: str = MANIFEST_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    # the linewatch version that traced the graph: a new release may change the network's code
+    # with the same weights ("" in manifests written before it was recorded: stale)
+    linewatch_version: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -104,10 +108,13 @@ def sha256_file(path: Path) -> str:
 
 
 def onnx_stale_reason(manifest: Manifest | None, *, model: str, version: str, weights_hash: str,
-                      params: dict[str, Any], opset: int, onnx_sha256: str | None) -> str | None:
+                      params: dict[str, Any], opset: int, onnx_sha256: str | None,
+                      linewatch_version: str = "", torch_version: str = "") -> str | None:
     """Why an exported file does not match what would be exported now; None when current.
 
-    ``onnx_sha256`` is the hash of the file on disk (None: the file is missing)."""
+    ``onnx_sha256`` is the hash of the file on disk (None: the file is missing). The same weights
+    traced by another linewatch or torch version may be another graph (a fixed forward pass), so
+    those are compared too when given."""
     if onnx_sha256 is None:
         return "the ONNX file is missing"
     if manifest is None:
@@ -116,7 +123,9 @@ def onnx_stale_reason(manifest: Manifest | None, *, model: str, version: str, we
         return f"manifest format {manifest.format!r} is not {MANIFEST_FORMAT!r}"
     for what, have, want in (("model", manifest.model, model), ("weights hash", manifest.weights_hash, weights_hash),
                              ("version", manifest.version, version), ("parameters", manifest.params, params),
-                             ("opset", manifest.opset, opset)):
+                             ("opset", manifest.opset, opset),
+                             ("linewatch version", manifest.linewatch_version, linewatch_version or manifest.linewatch_version),
+                             ("torch version", manifest.torch_version, torch_version or manifest.torch_version)):
         if have != want:
             return f"{what} changed: {have!r} -> {want!r}"
     if manifest.onnx_sha256 != onnx_sha256:
@@ -137,9 +146,11 @@ class PlanKeyFields:
     tensorrt_version: str
     compute_capability: tuple[int, int]
     calibration: str = ""  # hash of the INT8 calibration set ("" for fp16/fp32)
+    onnx_sha256: str = ""  # the ONNX graph the plan is built from (a re-export is another plan)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "weights_hash": self.weights_hash,
+                "onnx_sha256": self.onnx_sha256,
                 "profiles": {n: [list(s) for s in mmo] for n, mmo in self.profiles},
                 "precision": self.precision, "tensorrt_version": self.tensorrt_version,
                 "compute_capability": list(self.compute_capability), "calibration": self.calibration}
@@ -170,7 +181,7 @@ def make_plan_fields(manifest: Manifest, *, opt_batch: int, max_batch: int, prec
         profiles.append((t.name, mmo))
     return PlanKeyFields(manifest.model, manifest.version, manifest.weights_hash, tuple(profiles), precision,
                          str(tensorrt_version), (int(compute_capability[0]), int(compute_capability[1])),
-                         calibration if precision == "int8" else "")
+                         calibration if precision == "int8" else "", manifest.onnx_sha256)
 
 
 def plan_key(fields: PlanKeyFields) -> str:

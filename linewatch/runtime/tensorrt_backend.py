@@ -249,6 +249,9 @@ def ensure_plan(model: str, params: Params, engines_dir: Path, *, opt_batch: int
     if precision == "int8":
         if calibration_folder is None:
             raise ValueError("precision int8 needs a calibration folder (frames from a replay folder)")
+        if len(manifest.inputs) != 1:  # the calibrator feeds images only: not a sentence's tensors
+            raise ValueError(f"precision int8 is for single-input models; {model} takes "
+                             f"{', '.join(t.name for t in manifest.inputs)}: build it as fp16")
         size = int(get_spec(model).resolve(params).get("input_size", 256))
         batches = calibration_batches(calibration_folder, size, opt_batch)
         calib = calibration_hash(batches)
@@ -304,6 +307,7 @@ class TrtRunner:
             logger.warning("this pycuda has no stream capture: CUDA graphs off")
         self._graphs: dict[int, object] = {}
         self._shape_batch = -1
+        self._shape_changed = False
         # one context, stream and set of buffers: tier 1 (inspector thread) and PGT's feature
         # extraction (refine worker) must not interleave on them
         self._run_lock = threading.Lock()
@@ -329,6 +333,7 @@ class TrtRunner:
         for name in self.inputs:
             self.context.set_input_shape(name, (n, *self._host[name].shape[1:]))
         self._shape_batch = n
+        self._shape_changed = True  # TensorRT applies it at the next enqueue, not at a graph launch
 
     def _enqueue(self, n: int) -> None:
         if not self.cuda_graphs:
@@ -336,6 +341,14 @@ class TrtRunner:
                 raise RuntimeError("TensorRT execute_async_v3 failed")
             return
         graph = self._graphs.get(n)
+        if graph is not None and self._shape_changed:
+            # the context last ran another batch size: a graph launch would replay on its stale
+            # shape state; a plain run applies the new shapes (and computes this batch)
+            self._shape_changed = False
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            return
+        self._shape_changed = False
         if graph is None:
             # one plain run first flushes TensorRT's deferred shape updates (required before capture)
             if not self.context.execute_async_v3(self.stream.handle):

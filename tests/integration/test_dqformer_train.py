@@ -77,6 +77,14 @@ def test_few_steps_lower_the_loss_and_checkpoint_serves_predictions(small_doc, t
     assert [h["epoch"] for h in res2["history"]][-3:] == [30, 31, 32]
     assert len(res2["losses"]) == 2
 
+    # regression: a resume on another split trained on images the checkpoint did not list
+    other = {**small_doc, "seed": (small_doc.get("seed") or 0) + 1}
+    with pytest.raises(ValueError, match="split seed"):
+        train(other, tmp_path, epochs=33, config=cfg, batch_size=8, progress=False, resume=True)
+    moved = {**small_doc, "samples": [{**smp, "split": "train"} for smp in small_doc["samples"]]}
+    with pytest.raises(ValueError, match="another training split"):
+        train(moved, tmp_path, epochs=33, config=cfg, batch_size=8, progress=False, resume=True)
+
 
 def test_training_commands_refuse_what_would_leave_an_untrained_or_unevaluated_model(tmp_path, capsys):
     """Zero epochs and a resume with nothing to resume are one-line errors, not a fresh model."""

@@ -217,3 +217,17 @@ def test_exports_to_onnx_with_matching_outputs(model, tmp_path):
         ref = model(x, words, mask, sent).numpy()
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_a_mirrored_training_image_gets_a_mirrored_sentence():
+    """Regression: training mirrored the image and the mask at random but kept the sentence, so
+    "a crack in the top left area" was taught on a target at the top right."""
+    from linewatch.refer.train import flip_sentence
+
+    s = "a small blowhole in the top left area of the tile"
+    assert flip_sentence(s, False, False) == s
+    assert flip_sentence(s, True, False) == "a small blowhole in the top right area of the tile"
+    assert flip_sentence(s, False, True) == "a small blowhole in the bottom left area of the tile"
+    assert flip_sentence(s, True, True) == "a small blowhole in the bottom right area of the tile"
+    assert flip_sentence("Left edge, upper part; a bright spot", True, True) == "Right edge, lower part; a bright spot"
+    assert flip_sentence("a stopper on the leftover", True, True) == "a stopper on the leftover"  # whole words only

@@ -50,6 +50,7 @@ def test_plan_key_is_stable_and_names_the_file(tmp_path):
     {"compute_capability": (9, 0)},
     {"profiles": (("image", ((1, 3, 320, 320), (4, 3, 320, 320), (16, 3, 320, 320))),)},
     {"profiles": (("image", ((1, 3, 256, 256), (8, 3, 256, 256), (16, 3, 256, 256))),)},
+    {"onnx_sha256": "a re-exported graph"},  # regression: a forced re-export kept the old plan
 ])
 def test_any_changed_input_gives_another_plan(change, tmp_path):
     """Guards against loading a stale plan: every field of the key must move the key (and file)."""
@@ -102,6 +103,16 @@ def test_onnx_staleness_reasons():
     assert "parameters changed" in onnx_stale_reason(m, **{**want, "params": {"feature_dim": 0}}, onnx_sha256="f00")
     assert "opset changed" in onnx_stale_reason(m, **{**want, "opset": 18}, onnx_sha256="f00")
     assert "does not match" in onnx_stale_reason(m, **want, onnx_sha256="other")
+
+    # regression: the same weights traced by another linewatch (a fixed forward pass) or torch
+    # were taken for the current export
+    m2 = _manifest(linewatch_version="0.1.0+aaaa", torch_version="2.13.0")
+    now = {**want, "linewatch_version": "0.1.0+aaaa", "torch_version": "2.13.0"}
+    assert onnx_stale_reason(m2, **now, onnx_sha256="f00") is None
+    assert "linewatch version changed" in onnx_stale_reason(m2, **{**now, "linewatch_version": "0.1.0+bbbb"},
+                                                            onnx_sha256="f00")
+    assert "torch version changed" in onnx_stale_reason(m2, **{**now, "torch_version": "2.14.0"}, onnx_sha256="f00")
+    assert "linewatch version changed" in onnx_stale_reason(m, **now, onnx_sha256="f00")  # written before it was kept
 
 
 def test_registry_specs_are_complete():
