@@ -147,9 +147,11 @@ def _dq_inputs(module: nn.Module, p: Params, batch: int) -> tuple[torch.Tensor, 
 
 
 def _dq_hash(p: Params, module: nn.Module | None) -> str:
-    if p["checkpoint"]:
-        return file_hash(p["checkpoint"])
-    return state_dict_hash(module if module is not None else _dq_build(p))
+    # the weights a built module holds, not the file now on disk: a checkpoint replaced between
+    # the load and the hash (a deploy during an export) would record the new file for old weights
+    if module is not None or not p["checkpoint"]:
+        return state_dict_hash(module if module is not None else _dq_build(p))
+    return file_hash(p["checkpoint"])
 
 
 def _dq_stem(p: Params) -> str:
@@ -220,9 +222,11 @@ def _ard_inputs(module: nn.Module, p: Params, batch: int) -> tuple[torch.Tensor,
 
 
 def _ard_hash(p: Params, module: nn.Module | None) -> str:
-    if p["checkpoint"]:
-        return file_hash(p["checkpoint"])
-    return state_dict_hash(module if module is not None else _ard_build(p))
+    # the weights a built module holds, not the file now on disk: a checkpoint replaced between
+    # the load and the hash (a deploy during an export) would record the new file for old weights
+    if module is not None or not p["checkpoint"]:
+        return state_dict_hash(module if module is not None else _ard_build(p))
+    return file_hash(p["checkpoint"])
 
 
 ARD_SPEC = ModelSpec(

@@ -159,3 +159,23 @@ def test_torch_and_onnxruntime_need_nothing_extra_here():
     assert missing_packages("torch") == [] and backend_problem("onnxruntime") is None
     with pytest.raises(ValueError):
         missing_packages("openvino")
+
+
+def test_the_weights_hash_is_of_the_weights_loaded_not_the_file_now_on_disk(tmp_path):
+    """Regression: the export hashed the checkpoint file after loading it. A checkpoint replaced
+    in between (a deploy during the export) recorded the new file's hash for the old weights, and
+    every later start took that export for current."""
+    import torch
+
+    from linewatch.runtime.models import file_hash, state_dict_hash
+
+    spec = get_spec("ard")
+    ckpt = tmp_path / "ard.pt"
+    first = spec.build(spec.resolve({"checkpoint": ""}))
+    torch.save(first.state_dict(), ckpt)
+    params = spec.resolve({"checkpoint": str(ckpt)})
+    loaded = spec.build(params)
+    replaced = spec.build(spec.resolve({"checkpoint": ""}))
+    torch.nn.init.normal_(replaced.head.weight, std=1.0)
+    torch.save(replaced.state_dict(), ckpt)  # the deploy lands here
+    assert spec.weights_hash(params, loaded) == state_dict_hash(loaded) != file_hash(ckpt)
