@@ -157,6 +157,9 @@ def build_kolektorsdd(root: Path | str, seed: int = 0, test_fraction: float = 0.
     return _doc("kolektorsdd", seed, kinds, out)
 
 
+SYNTHETIC_SEED_OFFSET = 1_000_003  # the referring set's line is not the one evaluated (seed 0)
+
+
 def build_synthetic(out_dir: Path | str, n_frames: int = 200, seed: int = 0,
                     test_fraction: float = 0.2, height: int = 256, width: int = 256,
                     defect_rate: float = 0.6, product: str = "brushed_metal") -> dict:
@@ -167,6 +170,10 @@ def build_synthetic(out_dir: Path | str, n_frames: int = 200, seed: int = 0,
     its size and position, as recorded in ``meta.extra["defects"]``) and, when it holds two
     kinds, one more sample with the whole mask and the universal prompts. Defect-free frames
     get an empty mask and the universal prompts. Split per frame by ``seed``.
+
+    The frames come from the line seeded ``seed + SYNTHETIC_SEED_OFFSET``: the daemon's default
+    line and `linewatch synth` (seed 0) render other frames, so an evaluation on them never
+    meets a training frame under another file name.
     """
     from PIL import Image
 
@@ -175,7 +182,7 @@ def build_synthetic(out_dir: Path | str, n_frames: int = 200, seed: int = 0,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    line = SyntheticLine(SyntheticSource(width=width, height=height, channels=3, seed=seed,
+    line = SyntheticLine(SyntheticSource(width=width, height=height, channels=3, seed=seed + SYNTHETIC_SEED_OFFSET,
                                          defect_rate=defect_rate, product=product, fps=0))
     line.open()
     rng = random.Random(seed)

@@ -33,3 +33,20 @@ def test_absolute_paths_stay_absolute(tmp_path):
                                                 "kind": "crack", "split": "train"}]}
     path = rdata.save(doc, tmp_path / "sub" / "doc.json")
     assert str(img) in path.read_text(encoding="utf-8")
+
+
+def test_the_synthetic_referring_set_is_not_the_line_that_is_evaluated(tmp_path):
+    """Regression: build-refer (seed 0) and `linewatch synth` / the daemon's default line (seed 0)
+    rendered the same frames under other file names, so an evaluation met training frames."""
+    from PIL import Image
+
+    from linewatch.acquire.synthetic import SyntheticLine
+    from linewatch.config import SyntheticSource
+    from linewatch.refer import data as rdata
+
+    doc = rdata.build_synthetic(tmp_path / "refer", n_frames=3, seed=0, height=64, width=64)
+    line = SyntheticLine(SyntheticSource(width=64, height=64, channels=3, seed=0, fps=0))
+    line.open()
+    evaluated = [line.render(i)[0].squeeze() for i in range(3)]
+    trained = [np.asarray(Image.open(s["image"])) for s in doc["samples"]]
+    assert not any(np.array_equal(a, b) for a in evaluated for b in trained)
