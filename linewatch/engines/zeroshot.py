@@ -428,7 +428,7 @@ class ZeroShotEngine:
         if self.refiner is None or any(e.image is None for e in entries):
             self.last_tier2_model = {"name": self.name, "version": self.version}
             return coarse
-        return self._refine_lot(lot_id, entries, z, scale, coarse, offsets, border)
+        return self._refine_lot(lot_id, entries, z, scale, coarse, offsets, border, memory)
 
     # ------------------------------------------------------------------------- refinement
     def enable_refinement(self, refine_cfg, on_model=None, selector=None) -> None:
@@ -447,7 +447,7 @@ class ZeroShotEngine:
 
     def _refine_lot(self, lot_id: str, entries: list[_Entry], z: list[torch.Tensor], scale: float,
                     coarse: dict[int, EngineOutput], offsets: list[torch.Tensor | None],
-                    border: zs.BorderStats) -> dict[int, EngineOutput]:
+                    border: zs.BorderStats, memory: list[zs.Reference]) -> dict[int, EngineOutput]:
         from ..refine.worker import LotJob
 
         refiner = self.refiner
@@ -473,7 +473,7 @@ class ZeroShotEngine:
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [self.scorer.fine(e.feat) for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
-                              scale, border, offsets))
+                              scale, border, offsets, memory))
         return out
 
     def close(self) -> None:

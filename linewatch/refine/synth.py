@@ -81,7 +81,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
                  scorer: zs.Scorer,
                  rng: np.random.Generator, references: int = 6, normal_share: float = 0.2,
                  border: zs.BorderStats | None = None, drawn_share: float = 0.0,
-                 position: Sequence[torch.Tensor | None] | None = None) -> list[Sample]:
+                 position: Sequence[torch.Tensor | None] | None = None,
+                 memory: Sequence[zs.Reference] = ()) -> list[Sample]:
     """``n_samples`` training samples built on the frames ``normals`` of a lot.
 
     ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
@@ -92,7 +93,9 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
     by matching its median to the median of its source frame's tier-2 grid ``test_z`` (the pasted
     anomaly covers too little of the frame to move a median), after the lot's calibrations as at
     tier 2: its source frame's position offset ``position[i]`` (``zeroshot.position_offset``, None
-    where none applies) and the edge calibration ``border`` (``zeroshot.border_stats``).
+    where none applies) and the edge calibration ``border`` (``zeroshot.border_stats``). The
+    ``memory`` references (earlier lots' frames) the lot was scored with at tier 2 are references
+    of every sample too.
     """
     if not normals:
         return []
@@ -123,7 +126,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
         others = [j for j in range(len(feats)) if j != i]
         if len(others) > references:
             others = [int(j) for j in rng.choice(others, references, replace=False)]
-        grid = scorer.score(f, [refs[j] for j in others]) if others else scorer.score_self(f)
+        against = [refs[j] for j in others] + list(memory)  # the tier-2 memory, as at tier 2
+        grid = scorer.score(f, against) if against else scorer.score_self(f)
         if position:  # the source frame's position offset, as tier 2
             grid = zs.subtract_offset(grid, position[i])
         grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2

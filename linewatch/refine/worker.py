@@ -67,6 +67,8 @@ class LotJob:
     border: dict = field(default_factory=dict)  # the lot's border calibration (zeroshot.border_stats)
     # each frame's position-calibration offset grid (zeroshot.position_offset), None where none applies
     position: list = field(default_factory=list)
+    # the tier-2 memory (references of earlier lots' frames) the lot was scored with
+    memory: list[Reference] = field(default_factory=list)
     t_submit: float = field(default_factory=time.monotonic)
 
 
@@ -224,7 +226,8 @@ class Refiner:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.scorer, self._rng, references=cfg.references,
-                               border=job.border, position=job.position, drawn_share=cfg.drawn_share)
+                               border=job.border, position=job.position, drawn_share=cfg.drawn_share,
+                               memory=job.memory)
         t1 = time.monotonic()
         prev = self.current()
         ard = copy.deepcopy(prev.module if prev is not None else self._base)

@@ -119,6 +119,30 @@ def test_samples_take_their_source_frames_position_offset_as_tier_2_does():
             assert np.allclose(d, 0.0)
 
 
+def test_samples_are_scored_against_the_tier_2_memory_too():
+    """Regression: with a tier-2 memory the lot's maps are scored against earlier lots' frames as
+    well, but the PGT samples were scored against a few frames of the lot only (another map)."""
+    images, feats, grids, scale = _lot()
+    refs = [zs.Reference(f.reshape(3, -1).T.contiguous()) for f in feats]
+    z = [normalise_grid(g, scale, lot_median(grids)) for g in grids]
+    memory = [zs.Reference(torch.rand(20, 3)) for _ in range(3)]
+    seen = []
+
+    class SpyScorer(zs.Scorer):
+        __slots__ = ()
+
+        def score(self, feat, against):
+            seen.append(list(against))
+            return super(SpyScorer, self).score(feat, against)
+
+    scorer = SpyScorer(0.3)
+    out = make_samples(images, feats, refs, z, [0, 1], scale, 4, FakeExtract(), scorer, np.random.default_rng(0),
+                       references=2, memory=memory)
+    assert len(out) == 4 and len(seen) == 4
+    for against in seen:
+        assert len(against) == 2 + 3 and all(any(m is r for r in against) for m in memory)
+
+
 def test_drawn_share_mixes_simulator_defects_with_pastes(monkeypatch):
     from linewatch.refine import synth
 
