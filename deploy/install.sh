@@ -8,7 +8,14 @@ id linewatch >/dev/null 2>&1 || useradd --system --home /var/lib/linewatch --she
 install -d -o linewatch -g linewatch /var/lib/linewatch
 install -d /etc/linewatch
 mkdir -p "$PREFIX" && cp -r . "$PREFIX/src"
-python3 -m venv "$PREFIX/.venv"
+# linewatch needs Python 3.11 or newer (Ubuntu 22.04's python3 is 3.10: install python3.11 and
+# run with PYTHON=python3.11); the venv module is a separate package on Debian and Ubuntu
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "linewatch needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1); set PYTHON=python3.11" >&2; exit 1; }
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || {
+    echo "$PYTHON has no venv/ensurepip: apt install python3-venv (or python3.11-venv)" >&2; exit 1; }
+"$PYTHON" -m venv "$PREFIX/.venv"
 "$PREFIX/.venv/bin/pip" install -q --upgrade pip
 "$PREFIX/.venv/bin/pip" install -q "torch==2.13.0"
 "$PREFIX/.venv/bin/pip" install -q "$PREFIX/src[$EXTRAS]"

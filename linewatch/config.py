@@ -31,6 +31,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
+
+
 # ---------------------------------------------------------------------------------------- daemon
 class DaemonConfig(Strict):
     line: str = restart("Name of the production line; part of every ZeroMQ topic.", default="line1",
@@ -140,7 +143,7 @@ class ZeroShotEngine(Strict):
     backend: Literal["torch", "onnxruntime", "tensorrt"] = restart(
         "Where the backbone runs. onnxruntime and tensorrt load an exported model from engines_dir.",
         default="torch")
-    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu")
+    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu", pattern=DEVICE_PATTERN)
     backbone: Literal["efficientnet_lite0"] = restart("Feature extractor (real ImageNet weights).",
                                                       default="efficientnet_lite0")
     input_size: int = restart("Shorter side the frame is resized to before feature extraction.",
@@ -279,7 +282,7 @@ class DQFormerEngine(Strict):
         "built for this GPU; both are redone when the checkpoint changes). The sentence encoder "
         "stays on torch, each sentence encoded once.", default="torch")
     device: str = restart("torch device (cpu, cuda, cuda:0); for onnxruntime, cuda asks for its CUDA "
-                          "provider; for tensorrt, the GPU index.", default="cpu")
+                          "provider; for tensorrt, the GPU index.", default="cpu", pattern=DEVICE_PATTERN)
     threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
     engines_dir: Path = restart("Folder of exported ONNX models and TensorRT plans.", default=Path("engines"))
     prompts: PromptConfig = restart("Prompt composition and region scoring.",
@@ -305,7 +308,7 @@ class ClipEngine(Strict):
                             "model.safetensors, tokenizer files). Nothing is downloaded; a "
                             "missing folder stops the daemon at startup.",
                             default=Path("engines/clip"))
-    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu")
+    device: str = restart("torch device (cpu, cuda, cuda:0).", default="cpu", pattern=DEVICE_PATTERN)
     threads: int = restart("CPU threads for the engine (0 = all cores).", default=0, ge=0)
     normal_templates: list[str] = restart(
         "Templates of the 'normal' prompts (placeholders as in prompts.templates, no {defect}).",
@@ -426,6 +429,13 @@ class ThresholdConfig(Strict):
     min_scores: int = live("Until this many scores are seen, the previous lot's threshold is used; "
                            "with none, frames are NG only above `value`.", default=8, ge=1)
     min_region_px: int = live("Regions smaller than this many pixels are ignored.", default=16, ge=0)
+
+    @model_validator(mode="after")
+    def _window_holds_min_scores(self) -> "ThresholdConfig":
+        if self.min_scores > self.window:
+            raise ValueError(f"min_scores ({self.min_scores}) must not exceed window ({self.window}): the "
+                             "window never holds that many scores, so the threshold would never calibrate")
+        return self
 
 
 # -------------------------------------------------------------------------------------- publish
@@ -629,6 +639,26 @@ def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:
         ln = _line_of(text, ("engine", "weights"))
         problems.append(f"{path}:{ln or '?'}: engine.weights = '{eng.weights}': no CLIP model "
                         f"(config.json) in that folder")
+    if str(getattr(eng, "device", "cpu")).startswith("cuda") and getattr(eng, "backend", "torch") == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            ln = _line_of(text, ("engine", "device"))
+            problems.append(f"{path}:{ln or '?'}: engine.device = '{eng.device}': no CUDA device here "
+                            f"(torch {torch.__version__})")
+    from .store.db import StoreError, parse_url
+
+    try:
+        parse_url(cfg.store.url)
+    except StoreError as exc:
+        ln = _line_of(text, ("store", "url"))
+        problems.append(f"{path}:{ln or '?'}: {exc}")
+    for key in ("endpoint", "control_endpoint"):
+        value = getattr(cfg.publish, key)
+        if not re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):([0-9]+|\*)|ipc://\S+|inproc://\S+", value):
+            ln = _line_of(text, ("publish", key))
+            problems.append(f"{path}:{ln or '?'}: publish.{key} = '{value}': not a ZeroMQ endpoint "
+                            "(tcp://host:port, ipc://path)")
     backend = getattr(eng, "backend", "torch")
     if backend != "torch":  # optional packages (tensorrt, pycuda) are looked up, never imported here
         from .runtime import backend_problem

@@ -6,8 +6,9 @@ Stages and their threads: ``acquire`` (source -> lots -> ring), ``inspector`` (t
 (written to a self-pipe by the handlers) into reload / stop and pings the systemd watchdog only
 while every stage's heartbeat is fresh.
 
-Start order: store, sockets, source (opened, fails fast), engine warm-up, threads; READY once a
-frame went through. Stop order: source, close the open lot, drain the ring through the
+Start order: store, sockets, source (opened, fails fast), engine warm-up, threads; READY to
+systemd then (a triggered line may send no part for hours: waiting for one would fail the start),
+with the status "waiting for the first frame" until one came. Stop order: source, close the open lot, drain the ring through the
 inspector (up to ``drain_timeout_s``; what is left is published NOT_INSPECTED), tier 2,
 publisher, store (flushed).
 """
@@ -198,6 +199,10 @@ class Daemon:
             src.open()
         except (SourceUnavailable, SourceError) as exc:
             raise StartupError(f"source ({cfg.source.kind}): {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to open is a start-up error: at a reload
+            # it must take the path that reopens the previous source, not leave none running
+            logger.exception("source (%s) failed to open", cfg.source.kind)
+            raise StartupError(f"source ({cfg.source.kind}): {type(exc).__name__}: {exc}") from None
         self.telemetry.source_connected.set(1)
         return src
 
@@ -208,7 +213,8 @@ class Daemon:
             if cfg.refine.enabled and hasattr(engine, "enable_refinement"):
                 # tier-2 AnoRefiner; each ARD version is recorded with the lot it was trained on
                 engine.enable_refinement(cfg.refine, on_model=self.store.register_model)
-        except (EngineUnavailable, ImportError, OSError, RuntimeError) as exc:
+        except (EngineUnavailable, ImportError, OSError, RuntimeError, AssertionError) as exc:
+            # AssertionError: torch's own check, e.g. device "cuda" on a CPU build of torch
             # warm-up loads what the engine loads lazily (the sentence encoder, CUDA buffers): its
             # failures are start-up errors too, one line each
             why = str(exc) if isinstance(exc, (EngineUnavailable, FileNotFoundError)) else f"{type(exc).__name__}: {exc}"
@@ -538,6 +544,9 @@ class Daemon:
     def _serve(self) -> None:
         wd = watchdog_period_s()
         next_wd = time.monotonic()
+        # started: source open, engine warm, every stage running
+        self.notifier.ready(status="running; waiting for the first frame")
+        logger.info("started; waiting for the first frame")
         while True:
             if not self.ready.is_set() and (self.ring.frames_in > 0 or sum(self.ring.drops.values()) > 0):
                 self.ready.set()

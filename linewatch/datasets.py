@@ -11,6 +11,7 @@ Layouts understood (detected automatically):
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 GOOD_KINDS = {"free", "good", "ok", "normal"}
@@ -49,6 +52,13 @@ def _natural_key(p: Path) -> list:
 def detect_layout(root: Path) -> str:
     root = Path(root)
     subdirs = [d for d in root.iterdir() if d.is_dir()]
+    if any(_is_image(p) for p in root.iterdir() if p.is_file()):
+        # images at the top: a flat folder, whatever its subfolders hold (a rejects/ folder of a
+        # recording must not turn it into a layout that leaves the top-level images out)
+        if any(_is_image(p) for d in subdirs for p in d.iterdir()):
+            logger.warning("%s holds images and subfolders with images: read as a flat folder, "
+                           "the subfolders are left out", root)
+        return "flat"
     if (root / "test").is_dir() or any((d / "test").is_dir() for d in subdirs):
         return "mvtec"
     if subdirs and any(re.fullmatch(r"Part\d+", p.stem) for d in subdirs[:3] for p in d.iterdir()):
@@ -141,14 +151,32 @@ def magnetic_tile_lots(samples: list[Sample], lot_size: int = 32, defect_fractio
 
 
 def load_image(path: Path, channels: int = 3) -> np.ndarray:
-    """Read an image as uint8 HxWxC. Raises ValueError for a corrupt or unreadable file."""
+    """Read an image as uint8 HxWxC. Raises ValueError for a corrupt or unreadable file (a
+    header claiming a huge size included). A 16-bit or 32-bit grey image (a Mono10/12/16
+    recording) is scaled to 8 bits by :func:`to_8bit`, not clipped."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                im = Image.fromarray(to_8bit(np.asarray(im)), "L")
             arr = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
     return arr if arr.ndim == 3 else arr[..., None]
+
+
+def to_8bit(arr: np.ndarray) -> np.ndarray:
+    """Grey values of more than 8 bits as uint8: divided by the smallest full scale of 10, 12,
+    14 or 16 bits that holds the image's largest value (a float image within 0..1 by 1), so a
+    Mono12 frame is not nearly black and a Mono16 frame not clipped to white."""
+    a = np.asarray(arr, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
+    top = float(a.max()) if a.size else 0.0
+    if arr.dtype.kind == "f" and top <= 1.0:
+        full = 1.0
+    else:
+        full = next((2.0 ** b - 1 for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1), max(top, 1.0))
+    return np.round(a * (255.0 / full)).clip(0, 255).astype(np.uint8)
 
 
 def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

@@ -49,8 +49,9 @@ class ReplayFolder:
         path = Path(self.cfg.path)
         try:
             samples = list_samples(path)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise SourceError(f"replay source: {exc}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            # a folder it may not read, a corrupt ground-truth mask the layout reads while listing
+            raise SourceError(f"replay source: {path}: {type(exc).__name__}: {exc}") from None
         if self.cfg.shuffle_seed is not None:
             random.Random(self.cfg.shuffle_seed).shuffle(samples)
         self._samples = samples
@@ -74,7 +75,7 @@ class ReplayFolder:
             try:
                 with Image.open(s.image) as im:
                     return im.height, im.width
-            except (UnidentifiedImageError, OSError) as exc:
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
                 logger.warning("replay %s: cannot read %s for the frame size: %s", self.name, s.image, exc)
         raise SourceError(f"replay source: no readable image under {self.cfg.path} to take the frame "
                           f"size from; set width and height")

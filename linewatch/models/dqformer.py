@@ -18,6 +18,7 @@ tensor out and exports to ONNX: ``forward(image, words, word_mask, sentence) -> 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -341,11 +342,13 @@ def save_checkpoint(path, model: DQFormer, text_model: str, metrics: dict | None
     tmp.replace(path)
 
 
-def load_checkpoint(path, map_location: str = "cpu") -> tuple[DQFormer, dict]:
+def load_checkpoint(path, map_location: str = "cpu", data: bytes | None = None) -> tuple[DQFormer, dict]:
     """Rebuild a DQFormer from a checkpoint; returns (model in eval mode, the checkpoint dict).
+    ``data``: the file's bytes, already read (``path`` then only names it in errors).
 
     The backbone is built without re-reading the ImageNet file: the state dict holds it."""
-    blob = torch.load(str(path), map_location=map_location, weights_only=False)
+    blob = torch.load(io.BytesIO(data) if data is not None else str(path), map_location=map_location,
+                      weights_only=False)
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"{path}: not a DQFormer checkpoint (format {fmt!r})")

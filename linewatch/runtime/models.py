@@ -8,6 +8,7 @@ every spec fills its defaults with :meth:`ModelSpec.resolve`.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +60,11 @@ def state_dict_hash(module: nn.Module) -> str:
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()[:10]
+
+
+def _bytes_hash(data: bytes) -> str:
+    """Short sha256 of bytes, the same digits as :func:`file_hash` of a file holding them."""
+    return hashlib.sha256(data).hexdigest()[:10]
 
 
 def file_hash(path: Path | str) -> str:
@@ -127,7 +133,9 @@ def _dq_build(p: Params) -> nn.Module:
     from ..models.dqformer import DQFormer, DQFormerConfig, load_checkpoint
 
     if p["checkpoint"]:
-        model, _ = load_checkpoint(p["checkpoint"])
+        data = Path(p["checkpoint"]).read_bytes()
+        model, _ = load_checkpoint(p["checkpoint"], data=data)
+        model.checkpoint_hash = _bytes_hash(data)  # of the bytes loaded (see _dq_hash)
         return model.eval()
     # no checkpoint: the ImageNet backbone with a seeded, untrained head (benchmarks and tests only)
     torch.manual_seed(0)
@@ -147,11 +155,14 @@ def _dq_inputs(module: nn.Module, p: Params, batch: int) -> tuple[torch.Tensor, 
 
 
 def _dq_hash(p: Params, module: nn.Module | None) -> str:
-    # the weights a built module holds, not the file now on disk: a checkpoint replaced between
-    # the load and the hash (a deploy during an export) would record the new file for old weights
-    if module is not None or not p["checkpoint"]:
-        return state_dict_hash(module if module is not None else _dq_build(p))
-    return file_hash(p["checkpoint"])
+    # a built module's hash is of the bytes it was loaded from, not of the file now on disk: a
+    # checkpoint replaced between the load and the hash (a deploy during an export) would record
+    # the new file for the old weights
+    if module is not None and getattr(module, "checkpoint_hash", None):
+        return module.checkpoint_hash
+    if p["checkpoint"]:
+        return file_hash(p["checkpoint"])
+    return state_dict_hash(module if module is not None else _dq_build(p))
 
 
 def _dq_stem(p: Params) -> str:
@@ -204,8 +215,10 @@ def _ard_build(p: Params) -> nn.Module:
     model = ARD(int(p["feat_dim"]), int(p["width"]), skip_sigma=float(p["skip_sigma"]), delta_max=float(p["delta_max"]),
                 gate_units=float(p["gate_units"]), raise_max=float(p["raise_max"]), peak_window=int(p["peak_window"]))
     if p["checkpoint"]:
-        state = torch.load(str(p["checkpoint"]), map_location="cpu", weights_only=True)
+        data = Path(p["checkpoint"]).read_bytes()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        model.checkpoint_hash = _bytes_hash(data)
     else:  # untrained: the head starts at zero, which would leave the decoder out of a parity check
         nn.init.normal_(model.head.weight, std=0.05)
     return model.eval()
@@ -222,11 +235,14 @@ def _ard_inputs(module: nn.Module, p: Params, batch: int) -> tuple[torch.Tensor,
 
 
 def _ard_hash(p: Params, module: nn.Module | None) -> str:
-    # the weights a built module holds, not the file now on disk: a checkpoint replaced between
-    # the load and the hash (a deploy during an export) would record the new file for old weights
-    if module is not None or not p["checkpoint"]:
-        return state_dict_hash(module if module is not None else _ard_build(p))
-    return file_hash(p["checkpoint"])
+    # a built module's hash is of the bytes it was loaded from, not of the file now on disk: a
+    # checkpoint replaced between the load and the hash (a deploy during an export) would record
+    # the new file for the old weights
+    if module is not None and getattr(module, "checkpoint_hash", None):
+        return module.checkpoint_hash
+    if p["checkpoint"]:
+        return file_hash(p["checkpoint"])
+    return state_dict_hash(module if module is not None else _ard_build(p))
 
 
 ARD_SPEC = ModelSpec(

@@ -99,3 +99,48 @@ def test_ready_watchdog_control_reload_and_sigterm_drain(tmp_path):
     lots = {row["lot_id"]: row for row in query.fetch_lots(f"sqlite:///{tmp_path}/lw.db")}
     assert lots["L-1"]["recipe"] == "bracket" and lots["L-1"]["close_reason"] == "control_end"
     assert lots["L-1"]["n_frames"] > 0
+
+
+def test_ready_is_sent_before_the_first_frame_of_a_silent_triggered_line(tmp_path, monkeypatch):
+    """Regression: READY went to systemd only after the first frame. A hardware-triggered line
+    with no part moving (an install after the shift) failed its start after TimeoutStartSec, and
+    systemd restarted it for ever. READY now follows the start (source open, engine warm)."""
+    import threading
+
+    from daemon_harness import config
+
+    from linewatch import daemon as daemon_mod
+
+    real_create = daemon_mod.create_source
+
+    def silent_camera(cfg):
+        src = real_create(cfg)  # a real source, opened for real, whose trigger never comes
+
+        def frames(stop):
+            stop.wait()
+            return iter(())
+
+        src.frames = frames
+        return src
+
+    monkeypatch.setattr(daemon_mod, "create_source", silent_camera)
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(str(tmp_path / "notify"))
+    ns.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    cfg = config(tmp_path, {"kind": "synthetic", "width": 64, "height": 64},
+                 engine={"kind": "zeroshot", "threads": 1, "input_size": 64})
+    d = daemon_mod.Daemon(cfg, None, install_signals=False)
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(d.run()), daemon=True)
+    t.start()
+    try:
+        seen: list[str] = []
+        wait_for(lambda: (seen.extend(notifications(ns)) or "READY=1" in seen), 120, "READY=1")
+        assert not d.ready.is_set(), "no frame came: READY must not wait for one"
+        assert any("waiting for the first frame" in line for line in seen), seen
+    finally:
+        d._wake("stop")
+        t.join(60)
+        ns.close()
+    assert rc == [0]

@@ -116,3 +116,34 @@ def test_infinite_values_and_lots_that_cannot_close_are_rejected(tmp_path):
             cfgmod.load(write(tmp_path, text))
         assert why in "\n".join(ei.value.lines)
     cfgmod.load(write(tmp_path, '[lots]\npolicy = "idle"\nidle_gap_s = 2.0\n'))
+
+
+def test_what_validated_but_never_worked_is_a_config_error(tmp_path):
+    """Regression, each of these passed check-config: a threshold window smaller than its
+    min_scores (the threshold never calibrated: every frame NOT_INSPECTED for ever), a store URL
+    and an endpoint the daemon refuses at its next start, a device name torch does not know."""
+    p = write(tmp_path, '[threshold]\nwindow = 16\nmin_scores = 32\n')
+    with pytest.raises(cfgmod.ConfigError, match="min_scores .32. must not exceed window .16."):
+        cfgmod.load(p)
+    p = write(tmp_path, '[store]\nurl = "postgres://u@h/db"\n[publish]\nendpoint = "127.0.0.1:5556"\n')
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    assert len(ei.value.lines) == 2
+    assert ei.value.lines[0].startswith(f"{p}:2: store.url 'postgres://u@h/db'")
+    assert ei.value.lines[1] == (f"{p}:4: publish.endpoint = '127.0.0.1:5556': not a ZeroMQ endpoint "
+                                 "(tcp://host:port, ipc://path)")
+    p = write(tmp_path, '[publish]\nendpoint = "tcp://*:5556"\ncontrol_endpoint = "tcp://[::1]:5557"\n')
+    cfgmod.load(p)
+    p = write(tmp_path, '[engine]\nkind = "zeroshot"\ndevice = "gpu"\n')
+    with pytest.raises(cfgmod.ConfigError, match="engine.device = 'gpu'"):
+        cfgmod.load(p)
+
+
+def test_a_cuda_device_without_cuda_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = write(tmp_path, '[engine]\nkind = "zeroshot"\ndevice = "cuda"\n')
+    with pytest.raises(cfgmod.ConfigError, match="engine.device = 'cuda': no CUDA device here"):
+        cfgmod.load(p)

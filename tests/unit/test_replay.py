@@ -181,3 +181,82 @@ def test_an_mvtec_category_is_streamed_in_a_fixed_shuffled_order_a_kolektor_item
     assert _lots(args, samples, "mvtec") == [lot], "the same order every run"
     (item,) = _lots(args, samples, "kolektor")
     assert item == samples
+
+
+def test_a_decompression_bomb_is_a_fault_frame_not_a_dead_source(tmp_path):
+    """Regression: Pillow refuses an image over ~179 MP (or a corrupt header claiming one) with
+    DecompressionBombError, which is no OSError: it killed the source, and systemd restarted
+    the daemon into the same file for ever."""
+    import struct
+    import zlib
+
+    write_png(tmp_path / "a.png", 16, 16)
+    raw = (tmp_path / "a.png").read_bytes()
+    ihdr = struct.pack(">IIBBBBB", 14000, 14000, 8, 0, 0, 0, 0)  # a header claiming 196 MP
+    bomb = raw[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + raw[33:]
+    (tmp_path / "b.png").write_bytes(bomb)
+    src = opened(tmp_path)
+    frames = take(src)
+    assert [f.meta.frame_id for f in frames] == [0, 1]
+    assert frames[1].meta.extra["fault"].startswith(f"corrupt image: {tmp_path / 'b.png'}")
+    first = tmp_path / "first"  # the frame size is taken from the first image that can be read
+    first.mkdir()
+    (first / "0.png").write_bytes(bomb)
+    write_png(first / "1.png", 12, 20)
+    assert (opened(first).height, opened(first).width) == (12, 20)
+
+
+def test_a_16_bit_image_is_scaled_not_clipped_to_white(tmp_path):
+    """Regression: a Mono12/Mono16 recording converted to 8 bits by clipping: 99 % white frames
+    that were inspected as if real."""
+    from linewatch.datasets import load_image, to_8bit
+
+    arr = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit values
+    Image.fromarray(arr).save(tmp_path / "mono12.png")
+    img = load_image(tmp_path / "mono12.png", channels=1)
+    assert img.dtype == np.uint8 and img.max() == 255 and img.min() == 0
+    assert 100 < img.mean() < 155  # a ramp, not a white frame
+    assert to_8bit(np.array([0, 65535], np.uint16)).tolist() == [0, 255]
+    assert to_8bit(np.array([0.0, 0.5, 1.0], np.float32)).tolist() == [0, 128, 255]
+
+
+def test_a_recording_with_a_subfolder_replays_its_own_images(tmp_path, caplog):
+    """Regression: any subfolder with an image (rejects/) turned a flat folder into the kinds
+    layout, and only the subfolder's images were replayed."""
+    for name in "abcde":
+        write_png(tmp_path / f"{name}.png", 8, 8)
+    write_png(tmp_path / "rejects" / "r0.png", 8, 8)
+    with caplog.at_level(logging.WARNING, logger="linewatch.datasets"):
+        frames = take(opened(tmp_path))
+    assert [Path(f.meta.source_ref).name for f in frames] == [f"{n}.png" for n in "abcde"]
+    assert "subfolders are left out" in caplog.text
+
+
+def test_a_folder_the_layout_cannot_list_fails_at_open_as_a_source_error(tmp_path):
+    """Regression: a corrupt ground-truth mask read while listing (or a folder the service user may
+    not read) raised past open(): no 'reopen the previous source' at a reload."""
+    write_png(tmp_path / "kos01" / "Part0.png", 16, 16)
+    (tmp_path / "kos01" / "Part0_mask.png").write_bytes(b"")  # a zero-byte mask
+    with pytest.raises(SourceError, match="replay source"):
+        opened(tmp_path)
+
+
+def test_any_failure_to_open_a_source_is_a_start_up_error():
+    """Regression: only SourceError was a start-up error. Anything else (a folder the service
+    user may not read) skipped, at a reload, the branch that reopens the previous source, and the
+    daemon ran on with no acquisition while the watchdog was fed."""
+    from types import SimpleNamespace
+
+    from linewatch import daemon as dm
+
+    def refused(cfg):
+        raise PermissionError(13, "Permission denied", "/srv/recordings")
+
+    cfg = SimpleNamespace(source=SimpleNamespace(kind="replay"))
+    real = dm.create_source
+    dm.create_source = refused
+    try:
+        with pytest.raises(dm.StartupError, match=r"source \(replay\): PermissionError"):
+            dm.Daemon._open_source(SimpleNamespace(), cfg)
+    finally:
+        dm.create_source = real

@@ -167,15 +167,19 @@ def test_the_weights_hash_is_of_the_weights_loaded_not_the_file_now_on_disk(tmp_
     every later start took that export for current."""
     import torch
 
-    from linewatch.runtime.models import file_hash, state_dict_hash
+    import hashlib
+
+    from linewatch.runtime.models import file_hash
 
     spec = get_spec("ard")
     ckpt = tmp_path / "ard.pt"
     first = spec.build(spec.resolve({"checkpoint": ""}))
     torch.save(first.state_dict(), ckpt)
+    loaded_bytes = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10]
     params = spec.resolve({"checkpoint": str(ckpt)})
     loaded = spec.build(params)
     replaced = spec.build(spec.resolve({"checkpoint": ""}))
     torch.nn.init.normal_(replaced.head.weight, std=1.0)
     torch.save(replaced.state_dict(), ckpt)  # the deploy lands here
-    assert spec.weights_hash(params, loaded) == state_dict_hash(loaded) != file_hash(ckpt)
+    assert spec.weights_hash(params, loaded) == loaded_bytes != file_hash(ckpt)
+    assert spec.weights_hash(params, spec.build(params)) == file_hash(ckpt)  # a new build: the new file
