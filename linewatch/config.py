@@ -414,8 +414,11 @@ class RefineConfig(Strict):
 
 
 class InspectConfig(Strict):
-    batch_size: int = restart("Frames per engine call, at most.", default=4, ge=1, le=256)
-    batch_wait_ms: float = restart("Wait at most this long for a batch to fill.", default=5.0, ge=0)
+    batch_size: int = live("Frames per engine call, at most. A reload applies it to the inspector at "
+                           "once; an engine built for a batch size (a TensorRT plan's profile) keeps "
+                           "its own until the engine restarts, and splits larger batches.",
+                           default=4, ge=1, le=256)
+    batch_wait_ms: float = live("Wait at most this long for a batch to fill.", default=5.0, ge=0)
     deadline_ms: float = live("A frame not inspected this long after capture is published FAULT "
                               "(deadline overrun); 0 disables.", default=1000.0, ge=0)
 
