@@ -32,6 +32,9 @@ class Strict(BaseModel):
 
 
 DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
+ENDPOINT_PATTERN = r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):([0-9]{1,5}|\*)|ipc://\S+|inproc://\S+)$"
+PATTERN_MEANING = {DEVICE_PATTERN: "not a torch device (cpu, cuda, cuda:N)",
+                   ENDPOINT_PATTERN: "not a ZeroMQ endpoint (tcp://host:port, ipc://path)"}
 
 
 # ---------------------------------------------------------------------------------------- daemon
@@ -79,6 +82,9 @@ class ReplaySource(Strict):
     channels: Literal[1, 3] = restart("1 = mono, 3 = RGB.", default=3)
     shuffle_seed: int | None = restart("Shuffle the files once with this seed; None keeps sorted order.",
                                        default=None)
+    bit_depth: Literal[0, 10, 12, 14, 16] = restart(
+        "Significant bits of images stored with more than 8 (a Mono12 recording in 16-bit PNG/TIFF: "
+        "12); they are scaled to 8 bits from this full scale. 0 = the file's own depth.", default=0)
 
 
 class GenicamSource(Strict):
@@ -396,6 +402,10 @@ class RefineConfig(Strict):
                                   "inside of a large defect, as hot as its own peak, is never hollowed "
                                   "out (magnetic_tile's frays and breaks). 0 = no such bound; odd.",
                                   default=25, ge=0, le=255)
+    sample_memory: bool = restart("Score the PGT samples against the tier-2 memory too (earlier lots' "
+                                  "frames, [engine] tier2_memory_frames), as the lot's own maps are. "
+                                  "Measured 2026-12-01 on magnetic_tile: no gain, at twice the PGT "
+                                  "time.", default=False)
     seed: int = restart("Random seed of the synthesis and training.", default=0)
 
     @model_validator(mode="after")
@@ -443,9 +453,10 @@ class ThresholdConfig(Strict):
 
 # -------------------------------------------------------------------------------------- publish
 class PublishConfig(Strict):
-    endpoint: str = restart("ZeroMQ PUB endpoint to bind.", default="tcp://127.0.0.1:5556")
+    endpoint: str = restart("ZeroMQ PUB endpoint to bind (tcp://host:port, ipc://path).",
+                            default="tcp://127.0.0.1:5556", pattern=ENDPOINT_PATTERN)
     control_endpoint: str = restart("ZeroMQ REP endpoint for control commands.",
-                                    default="tcp://127.0.0.1:5557")
+                                    default="tcp://127.0.0.1:5557", pattern=ENDPOINT_PATTERN)
     sndhwm: int = restart("PUB send high-water mark (messages); beyond it a slow subscriber loses "
                           "messages, which it sees as seq gaps.", default=10000, ge=1)
     heartbeat_s: float = live("Heartbeat period.", default=1.0, gt=0)
@@ -580,7 +591,10 @@ def _format_errors(path: Path | str, text: str, exc: ValidationError, raw: dict[
             out.append(f"{where}: {keypath} = {value!r}: unknown key (not part of linewatch's config)")
             continue
         shown = value if not isinstance(value, dict) else "{...}"
-        out.append(f"{where}: {keypath} = {shown!r}: {err['msg']}")
+        msg = err["msg"]
+        if err["type"] == "string_pattern_mismatch":  # say what is expected, not the regex
+            msg = PATTERN_MEANING.get((err.get("ctx") or {}).get("pattern"), msg)
+        out.append(f"{where}: {keypath} = {shown!r}: {msg}")
     return out
 
 
@@ -656,12 +670,6 @@ def check_paths(cfg: Config, path: Path | str, text: str) -> list[str]:
     except StoreError as exc:
         ln = _line_of(text, ("store", "url"))
         problems.append(f"{path}:{ln or '?'}: {exc}")
-    for key in ("endpoint", "control_endpoint"):
-        value = getattr(cfg.publish, key)
-        if not re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+):([0-9]+|\*)|ipc://\S+|inproc://\S+", value):
-            ln = _line_of(text, ("publish", key))
-            problems.append(f"{path}:{ln or '?'}: publish.{key} = '{value}': not a ZeroMQ endpoint "
-                            "(tcp://host:port, ipc://path)")
     backend = getattr(eng, "backend", "torch")
     if backend != "torch":  # optional packages (tensorrt, pycuda) are looked up, never imported here
         from .runtime import backend_problem

@@ -581,7 +581,8 @@ class Daemon:
     def _reload_pinging(self, wd: float | None) -> dict[str, Any]:
         """A reload (a source reopened, an engine built and warmed up) can outlast the watchdog
         interval, and only this thread pings: a helper pings meanwhile while the stages that run
-        on (all but acquisition and control) are fresh, for at most ``RELOAD_WATCHDOG_CAP_S``; a
+        on (all but acquisition, which the reload may stop; a control thread waiting on a `ctl
+        reload` keeps its own heartbeat) are fresh, for at most ``RELOAD_WATCHDOG_CAP_S``; a
         reload stuck longer is a hung daemon."""
         if wd is None:
             return self._reload()
@@ -590,7 +591,7 @@ class Daemon:
         def ping() -> None:
             end = time.monotonic() + RELOAD_WATCHDOG_CAP_S
             while not done.wait(wd) and time.monotonic() < end:
-                stale = {k: a for k, a in self._stale_stages().items() if k not in ("acquire", "control")}
+                stale = {k: a for k, a in self._stale_stages().items() if k != "acquire"}
                 if stale:
                     logger.error("watchdog withheld during reload: stale stages %s", stale)
                 else:

@@ -150,32 +150,34 @@ def magnetic_tile_lots(samples: list[Sample], lot_size: int = 32, defect_fractio
     return lots
 
 
-def load_image(path: Path, channels: int = 3) -> np.ndarray:
+def load_image(path: Path, channels: int = 3, bit_depth: int = 0) -> np.ndarray:
     """Read an image as uint8 HxWxC. Raises ValueError for a corrupt or unreadable file (a
-    header claiming a huge size included). A 16-bit or 32-bit grey image (a Mono10/12/16
-    recording) is scaled to 8 bits by :func:`to_8bit`, not clipped."""
+    header claiming a huge size included). A grey image of more than 8 bits (a Mono10/12/16
+    recording) is scaled to 8 bits by :func:`to_8bit` with ``bit_depth`` significant bits (0:
+    the file's own depth), not clipped."""
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                im = Image.fromarray(to_8bit(np.asarray(im)), "L")
+                im = Image.fromarray(to_8bit(np.asarray(im), bit_depth), "L")
             arr = np.asarray(im.convert("RGB" if channels == 3 else "L"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
     return arr if arr.ndim == 3 else arr[..., None]
 
 
-def to_8bit(arr: np.ndarray) -> np.ndarray:
-    """Grey values of more than 8 bits as uint8: divided by the smallest full scale of 10, 12,
-    14 or 16 bits that holds the image's largest value (a float image within 0..1 by 1), so a
-    Mono12 frame is not nearly black and a Mono16 frame not clipped to white."""
-    a = np.asarray(arr, dtype=np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
-    top = float(a.max()) if a.size else 0.0
-    if arr.dtype.kind == "f" and top <= 1.0:
+def to_8bit(arr: np.ndarray, bit_depth: int = 0) -> np.ndarray:
+    """Grey values of more than 8 bits as uint8, at one fixed scale for every frame of a
+    recording: ``bit_depth`` significant bits (12 for Mono12 data kept in 16-bit files) or, with
+    0, 16 bits (what a 16-bit PNG or TIFF holds, whether Pillow reads it as I;16 or as 32-bit I;
+    a float image counts 0..1)."""
+    if bit_depth:
+        full = 2.0 ** bit_depth - 1
+    elif arr.dtype.kind == "f":
         full = 1.0
     else:
-        full = next((2.0 ** b - 1 for b in (8, 10, 12, 14, 16) if top <= 2 ** b - 1), max(top, 1.0))
+        full = 2.0 ** 16 - 1
+    a = np.nan_to_num(np.asarray(arr, dtype=np.float64), nan=0.0, posinf=full, neginf=0.0)
     return np.round(a * (255.0 / full)).clip(0, 255).astype(np.uint8)
 
 

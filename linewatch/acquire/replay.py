@@ -86,7 +86,7 @@ class ReplayFolder:
         the layout has no ground truth, fault reason or "")."""
         h, w = self.height, self.width
         try:
-            img = load_image(sample.image, self.channels)
+            img = load_image(sample.image, self.channels, self.cfg.bit_depth)
         except ValueError as exc:
             reason = str(exc).removeprefix(f"cannot decode image {sample.image}: ")
             return np.zeros((h, w, self.channels), np.uint8), None, f"corrupt image: {sample.image}: {reason}"

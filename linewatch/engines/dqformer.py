@@ -14,6 +14,7 @@ regions and never calibrates a threshold for this engine.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from pathlib import Path
@@ -26,16 +27,10 @@ from ..config import DQFormerEngine as DQFormerEngineConfig
 from ..config import PromptConfig
 from ..frames import EngineOutput, FrameMeta
 from ..models.backbone import resize_uint8
-from ..runtime.manifest import sha256_file
 from ..prompts import compose, measure_tags, score_regions
 from . import EngineUnavailable
 
 logger = logging.getLogger(__name__)
-
-
-def file_digest(path: Path, n_hex: int = 12) -> str:
-    """Short SHA-256 of a file, so the model version changes whenever the weights do."""
-    return sha256_file(path)[:n_hex]
 
 
 def prompts_for(cfg, recipe: str) -> PromptConfig:
@@ -67,13 +62,15 @@ class DQFormerEngine:
             from ..refer.predict import ReferringSegmenter
 
             try:
+                # read once: the version names the bytes loaded, even if a deploy replaces the file
+                data = path.read_bytes()
                 # another backend runs the export: the torch model only gives its configuration
                 segmenter = ReferringSegmenter.from_checkpoint(path, device=cfg.device if cfg.backend == "torch"
-                                                               else "cpu")
+                                                               else "cpu", data=data)
             except (ValueError, KeyError, RuntimeError, AttributeError, EOFError, OSError,
                     pickle.UnpicklingError) as exc:  # wrong format, truncated file, mismatched weights
                 raise EngineUnavailable(f"cannot load DQFormer checkpoint {path}: {exc}") from None
-            self.version = f"{segmenter.version}-{file_digest(path)}"
+            self.version = f"{segmenter.version}-{hashlib.sha256(data).hexdigest()[:12]}"
             if cfg.backend != "torch":  # the checkpoint exported (and built) for that backend
                 from ..runtime import create_dqformer_runner
 

@@ -60,9 +60,11 @@ class ReferringSegmenter:
             self.model = None
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str, device: str = "cpu") -> "ReferringSegmenter":
-        """Load ``path`` (a file written by ``linewatch train dqformer``)."""
-        model, blob = load_checkpoint(path, map_location="cpu")
+    def from_checkpoint(cls, path: Path | str, device: str = "cpu", data: bytes | None = None
+                        ) -> "ReferringSegmenter":
+        """Load ``path`` (a file written by ``linewatch train dqformer``); ``data``: its bytes,
+        already read."""
+        model, blob = load_checkpoint(path, map_location="cpu", data=data)
         version = f"dqformer-{Path(path).stem}-e{blob.get('epoch', 0)}"
         return cls(model, TextEncoder(max_tokens=model.config.max_tokens), device, version)
 

@@ -157,11 +157,11 @@ def train(doc: dict, out_dir: Path, epochs: int, config: DQFormerConfig, device:
         history = list(blob.get("history", []))
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     t0 = time.monotonic()
-    train_items = rdata.load_items(doc, "train", config.image_hw)
     # recorded in the checkpoint: an evaluation of the checkpoint leaves these images out
-    train_paths = sorted({it.path for it in train_items})
-    if blob is not None:
+    train_paths = sorted({smp["image"] for smp in doc["samples"] if smp["split"] == "train"})
+    if blob is not None:  # before any image is loaded
         _check_resume(blob, doc, train_paths, ckpt_path)
+    train_items = rdata.load_items(doc, "train", config.image_hw)
     test_items = rdata.load_items(doc, "test", config.image_hw)
     if not train_items:
         raise rdata.ReferDataError("no training samples in the data document")

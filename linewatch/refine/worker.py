@@ -227,7 +227,7 @@ class Refiner:
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.scorer, self._rng, references=cfg.references,
                                border=job.border, position=job.position, drawn_share=cfg.drawn_share,
-                               memory=job.memory)
+                               memory=job.memory if cfg.sample_memory else ())
         t1 = time.monotonic()
         prev = self.current()
         ard = copy.deepcopy(prev.module if prev is not None else self._base)

@@ -132,14 +132,40 @@ class Spool:
         """Sync the open segment when its oldest unsynced append is ``sync_interval_s`` old
         (the writer thread calls this on every pass of its loop)."""
         with self._lock:
-            if (self._unsynced_since is not None
-                    and self._clock() - self._unsynced_since >= self.sync_interval_s):
-                self._sync_locked()
+            due = (self._unsynced_since is not None
+                   and self._clock() - self._unsynced_since >= self.sync_interval_s)
+        if due:
+            self.sync()
 
     def sync(self) -> None:
-        """Sync the open segment now."""
+        """Sync the open segment now. The fsync runs outside the lock, on a duplicate of the
+        file descriptor, so an append from a submitting thread does not wait for the disk."""
         with self._lock:
-            self._sync_locked()
+            self._unsynced_since = None
+            current, path = self._current, self._current_path
+            if current is None:
+                return
+            try:
+                current.flush()
+                fd = os.dup(current.fileno())
+            except (OSError, ValueError) as exc:
+                self._sync_failed(path, exc)
+                return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            with self._lock:
+                self._sync_failed(path, exc)
+            return
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.syncs += 1
+
+    def _sync_failed(self, path: Path | None, exc: BaseException) -> None:
+        self.sync_errors += 1
+        logger.error("spool segment %s not synced to disk (its rows stay for replay): %s",
+                     path.name if path else "?", exc)
 
     def _sync_locked(self) -> bool:
         """fsync the open segment; a failure (EIO, a full disk) is logged and counted, never
@@ -152,9 +178,7 @@ class Spool:
             current.flush()
             os.fsync(current.fileno())
         except (OSError, ValueError) as exc:
-            self.sync_errors += 1
-            logger.error("spool segment %s not synced to disk (its rows stay for replay): %s",
-                         path.name if path else "?", exc)
+            self._sync_failed(path, exc)
             return False
         self.syncs += 1
         return True

@@ -193,7 +193,7 @@ class StoreWriter:
             inflight = self._inflight
             if inflight:  # may still reach the database too: the replay then ignores it
                 self._to_spool_from_caller(list(inflight))
-        self._spool_rest_of_queue()  # what a submit raced in after the thread's last look
+        self._spool_rest_of_queue()  # what a thread that gave up at the deadline left queued
         if self._spool is not None:
             self._spool.close()
         if finished and self._engine is not None:

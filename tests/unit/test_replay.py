@@ -213,11 +213,18 @@ def test_a_16_bit_image_is_scaled_not_clipped_to_white(tmp_path):
 
     arr = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit values
     Image.fromarray(arr).save(tmp_path / "mono12.png")
-    img = load_image(tmp_path / "mono12.png", channels=1)
+    img = load_image(tmp_path / "mono12.png", channels=1, bit_depth=12)
     assert img.dtype == np.uint8 and img.max() == 255 and img.min() == 0
     assert 100 < img.mean() < 155  # a ramp, not a white frame
+    assert load_image(tmp_path / "mono12.png", channels=1).max() == 16  # the file's depth: 16 bits
     assert to_8bit(np.array([0, 65535], np.uint16)).tolist() == [0, 255]
     assert to_8bit(np.array([0.0, 0.5, 1.0], np.float32)).tolist() == [0, 128, 255]
+    # one scale for every frame: a frame's brightest pixel does not change its gain
+    dim, bright = np.full(4, 500, np.uint16), np.full(4, 500, np.uint16)
+    dim[0], bright[0] = 1000, 1100
+    assert to_8bit(dim, 12)[1] == to_8bit(bright, 12)[1] == 31
+    src = opened(tmp_path, channels=1, bit_depth=12)
+    assert take(src)[0].image.max() == 255
 
 
 def test_a_recording_with_a_subfolder_replays_its_own_images(tmp_path, caplog):
