@@ -481,6 +481,11 @@ class StoreConfig(Strict):
                                   "about this much; 0 = before the write returns (an fsync per batch, "
                                   "and per row spooled from a full queue).", default=1.0, ge=0, le=60)
     retry_s: float = restart("How often to retry a database that is down.", default=2.0, gt=0)
+    retention_days: float = live("Results (with their regions) captured, and lots closed, longer ago "
+                                 "than this are deleted, checked every 10 minutes; model versions are "
+                                 "kept. 0 = keep everything: at 25 frames/s a SQLite file grows by "
+                                 "about 1.1 GB a day (a tier-1 and a tier-2 row per frame; measured, "
+                                 "README).", default=0.0, ge=0)
 
 
 class MetricsConfig(Strict):

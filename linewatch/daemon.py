@@ -439,6 +439,7 @@ class Daemon:
         self.inspector.reconfigure(merged.inspect, merged.threshold)
         self.closer.reconfigure(merged.threshold)
         self.publisher.heartbeat_s = merged.publish.heartbeat_s
+        self.store.cfg = merged.store  # its live keys (retention_days); the restart keys kept their values
         logging.getLogger("linewatch").setLevel(merged.daemon.log_level)
         applied = [f"{s}.{k}" for s, ks in changed.items() for k in ks
                    if f"{s}.{k}" not in needs_restart and s not in ("source", "ring", "engine", "refine")]

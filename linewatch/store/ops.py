@@ -13,7 +13,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .records import COUNT_KEYS
@@ -144,3 +144,18 @@ def _write_model(conn: Connection, rec: dict[str, Any], cache: ModelCache) -> No
                                                 created_at=utc(rec["t"]), **own)
     conn.execute(stmt.on_conflict_do_update(index_elements=["name", "version"], set_=own))
     cache.ids.pop((rec["name"], rec["version"]), None)
+
+
+def prune_before(conn: Connection, cutoff: float, limit: int) -> tuple[int, int]:
+    """Delete up to ``limit`` results captured before ``cutoff`` (epoch seconds) with their
+    regions, and the lots closed before it; returns (results deleted, lots deleted). The caller
+    owns the transaction and calls again while a full ``limit`` was deleted (short transactions
+    keep the writer's inserts from waiting)."""
+    when = utc(cutoff)
+    ids = [r[0] for r in conn.execute(select(results.c.id).where(results.c.t_capture < when)
+                                      .order_by(results.c.id).limit(limit))]
+    if ids:
+        conn.execute(delete(regions).where(regions.c.result_id.in_(ids)))
+        conn.execute(delete(results).where(results.c.id.in_(ids)))
+    n_lots = conn.execute(delete(lots).where(lots.c.closed_at < when)).rowcount if len(ids) < limit else 0
+    return len(ids), int(n_lots or 0)

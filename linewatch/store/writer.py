@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import StoreConfig
 from ..frames import LotEvent, Result
-from . import db
+from . import db, ops
 from .db import StoreError
 from .ops import ModelCache, write_records
 from .records import lot_event_record, lot_summary_record, model_record, result_record
@@ -40,6 +40,9 @@ _STOP = object()
 # spool behind it.
 _BAD_RECORD = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
 DEFAULT_QUEUE_SIZE = 10_000
+PRUNE_EVERY_S = 600.0  # how often rows older than retention_days are looked for
+PRUNE_BATCH = 5000  # rows deleted per transaction
+PRUNE_BUDGET_S = 2.0  # deleting time per pass at most; the rest goes at the next pass
 
 
 class StoreWriter:
@@ -73,6 +76,9 @@ class StoreWriter:
         self.spooled_rows = 0       # rows written to the spool (outage, overflow, late submits)
         self.overflow_rows = 0      # of those, rows spooled because the queue was full
         self.replayed_rows = 0      # spooled rows later written to the database
+        self.pruned_rows = 0        # results deleted as older than retention_days (regions with them)
+        self.pruned_lots = 0
+        self._next_prune = 0.0      # monotonic time of the next look for rows to delete
         self._lost_rows = 0         # rows the spool could not take (disk error)
         self.duplicate_rows = 0     # results ignored because their key was already there
         self.rejected_rows = 0      # rows the database refused (not an outage); logged with data
@@ -113,7 +119,7 @@ class StoreWriter:
         return {k: getattr(self, k) for k in (
             "rows_written", "batches", "spooled_rows", "overflow_rows", "replayed_rows",
             "spool_dropped_rows", "duplicate_rows", "rejected_rows", "db_errors", "db_up",
-            "queue_depth", "spool_rows", "spool_sync_errors")}
+            "queue_depth", "spool_rows", "spool_sync_errors", "pruned_rows", "pruned_lots")}
 
     def submit_result(self, result: Result, t_publish: float) -> None:
         """Queue a tier-1 or tier-2 result (by ``result.tier``) with its regions."""
@@ -282,6 +288,8 @@ class StoreWriter:
                 self.cpu_s += time.thread_time() - c0
             if self._spool is not None:
                 self._spool.sync_if_due()  # spooled rows reach the disk within spool_sync_s
+            if self.db_up and not stop_seen:
+                self._prune_if_due()
             now = time.monotonic()
             past_deadline = now >= self._stop_deadline
             try:
@@ -411,6 +419,34 @@ class StoreWriter:
         self.rows_written += written
         self.duplicate_rows += dups
         self.batches += 1
+
+    def _prune_if_due(self) -> None:
+        """Delete what is older than ``retention_days``, every ``PRUNE_EVERY_S``, in short
+        transactions of ``PRUNE_BATCH`` rows and for at most ``PRUNE_BUDGET_S`` a pass, so that
+        new rows never wait long (what is left goes at the next pass)."""
+        days = self.cfg.retention_days
+        now = time.monotonic()
+        if days <= 0 or now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY_S
+        cutoff = time.time() - days * 86400.0
+        end = now + PRUNE_BUDGET_S
+        try:
+            while True:
+                assert self._engine is not None
+                with self._engine.begin() as conn:
+                    n, n_lots = ops.prune_before(conn, cutoff, PRUNE_BATCH)
+                self.pruned_rows += n
+                self.pruned_lots += n_lots
+                if n < PRUNE_BATCH or time.monotonic() >= end:
+                    break
+        except SQLAlchemyError as exc:
+            if db.is_db_down(exc):
+                self._went_down(exc)
+            else:
+                self.db_errors += 1
+                logger.error("store: deleting rows older than %g days failed: %s", days,
+                             str(exc).splitlines()[0])
 
     def _went_down(self, exc: SQLAlchemyError) -> None:
         self.db_errors += 1

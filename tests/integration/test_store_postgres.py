@@ -296,3 +296,34 @@ def test_stop_with_a_hung_database_spools_the_batch_in_flight(pg_db, tmp_path: P
     assert again.stop(10)
     assert _distinct_keys(user, db) == (30, 30)
     assert again.replayed_rows >= 20
+
+
+def test_retention_deletes_old_results_with_their_regions_and_old_lots(pg_db, tmp_path: Path) -> None:
+    """The same delete as on SQLite, against PostgreSQL's timestamptz columns."""
+    from sqlalchemy import text
+
+    from linewatch.store import ops
+
+    user, db = pg_db
+    url = _url(user, db)
+    w = StoreWriter(_cfg(url, tmp_path), "line1")
+    w.start()
+    for i in range(9):  # T0 + i: long ago; regions on frames 0, 3, 6
+        w.submit_result(_result(i), T0 + i)
+    now = time.time()
+    recent = FrameMeta(50, now, "cam0", 32, 32, lot_id="LOT2")
+    w.submit_result(Result(recent, Verdict.NG, 0.5, [Region((0, 0, 4, 4), 16, 0.8)],
+                           {"name": "zeroshot", "version": "1"}), now)
+    w.submit_lot_event(LotEvent(LotEventKind.CLOSED, "LOT1", "r", "part_count", T0 + 20))
+    assert w.stop(10)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            assert ops.prune_before(conn, now - 86400, 5) == (5, 0)  # a full batch: lots wait
+        with engine.begin() as conn:
+            assert ops.prune_before(conn, now - 86400, 5) == (4, 1)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM regions")).scalar() == 1
+    finally:
+        engine.dispose()
+    assert [r["frame_id"] for r in fetch_results(url)] == [50]

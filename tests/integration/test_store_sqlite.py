@@ -322,3 +322,44 @@ def test_a_submit_racing_stop_is_written_not_left_in_the_queue(tmp_path: Path, w
     stopper[0].join(10)
     assert count_results(w.cfg.url) + w.spool_rows == 1
     assert w.queue_depth == 0
+
+
+def test_rows_older_than_the_retention_are_deleted_with_their_regions(tmp_path: Path, writer_factory) -> None:
+    """An edge box's disk must not fill with history: results captured (and lots closed) more than
+    retention_days ago go, with their regions; newer ones and model versions stay."""
+    from linewatch.store import writer as writer_mod
+
+    now = time.time()
+    w = writer_factory(retention_days=1.0)
+    old_t, new_t = now - 3 * 86400, now - 3600
+    box = [Region((0, 0, 4, 4), 16, 0.9, "defect")]
+    for i in range(7):  # more than one delete transaction
+        meta = FrameMeta(i, old_t + i, "cam0", 64, 64, lot_id="OLD")
+        w.submit_result(Result(meta, Verdict.NG, 2.0, box, dict(MODEL), threshold=0.5, t_inspected=old_t), old_t)
+    for i in range(3):
+        meta = FrameMeta(100 + i, new_t + i, "cam0", 64, 64, lot_id="NEW")
+        w.submit_result(Result(meta, Verdict.NG, 2.0, box, dict(MODEL), threshold=0.5, t_inspected=new_t), new_t)
+    w.submit_lot_event(LotEvent(LotEventKind.CLOSED, "OLD", "r", "part_count", old_t + 10))
+    w.submit_lot_event(LotEvent(LotEventKind.CLOSED, "NEW", "r", "part_count", new_t + 10))
+    writer_mod.PRUNE_BATCH, batch = 3, writer_mod.PRUNE_BATCH
+    try:
+        w.start()
+        deadline = time.monotonic() + 10
+        while w.rows_written < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        w._next_prune = 0.0  # the next pass of the writer looks now
+        while (w.pruned_rows < 7 or w.pruned_lots < 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.stop(10)
+    finally:
+        writer_mod.PRUNE_BATCH = batch
+    rows = fetch_results(w.cfg.url)
+    assert sorted(r["frame_id"] for r in rows) == [100, 101, 102]
+    assert all(len(r["regions"]) == 1 for r in rows)
+    assert [lot["lot_id"] for lot in fetch_lots(w.cfg.url)] == ["NEW"]
+    assert w.pruned_rows == 7 and w.pruned_lots == 1
+    assert fetch_models(w.cfg.url), "model versions are kept"
+    from sqlalchemy import create_engine
+
+    with create_engine(w.cfg.url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM regions")).scalar() == 3  # none left behind
