@@ -560,6 +560,11 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     for i in range(start, len(lines)):
         if key.match(lines[i]):
             return i + 1
+    if len(keys) == 1:  # a whole section: its [header] (a misspelled one, a cross-field check)
+        header = re.compile(r"^\s*\[\s*" + re.escape(keys[0]) + r"\s*[\].]")
+        for i, ln in enumerate(lines):
+            if header.match(ln):
+                return i + 1
     return start + 1 if len(keys) > 1 else None
 
 
@@ -596,7 +601,7 @@ def _format_errors(path: Path | str, text: str, exc: ValidationError, raw: dict[
             out.append(f"{where}: {keypath} = {value!r}: unknown key (not part of linewatch's config)")
             continue
         shown = value if not isinstance(value, dict) else "{...}"
-        msg = err["msg"]
+        msg = str(err["msg"]).removeprefix("Value error, ")  # a check of ours says it all itself
         if err["type"] == "string_pattern_mismatch":  # say what is expected, not the regex
             msg = PATTERN_MEANING.get((err.get("ctx") or {}).get("pattern"), msg)
         out.append(f"{where}: {keypath} = {shown!r}: {msg}")

@@ -150,3 +150,14 @@ def test_a_cuda_device_without_cuda_is_a_config_error(tmp_path):
     p = write(tmp_path, '[engine]\nkind = "zeroshot"\ndevice = "cuda"\n')
     with pytest.raises(cfgmod.ConfigError, match="engine.device = 'cuda': no CUDA device here"):
         cfgmod.load(p)
+
+
+def test_a_misspelled_section_and_a_cross_field_error_name_their_line(tmp_path):
+    """Regression: both came without a line number (and the check's message with pydantic's
+    'Value error, ' in front)."""
+    p = write(tmp_path, '[daemon]\nline = "l1"\n\n[treshold]\nk_mad = 3\n\n[threshold]\nwindow = 16\nmin_scores = 32\n')
+    with pytest.raises(cfgmod.ConfigError) as ei:
+        cfgmod.load(p)
+    lines = sorted(ei.value.lines)
+    assert lines[0].startswith(f"{p}:4: treshold = ") and "unknown key" in lines[0]
+    assert lines[1].startswith(f"{p}:7: threshold = '{{...}}': min_scores (32) must not exceed window (16)")
