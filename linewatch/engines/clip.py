@@ -39,8 +39,11 @@ class ClipEngine:
                 scorer = ClipScorer.from_folder(cfg.weights, device=cfg.device)
             except ClipWeightsError as exc:
                 raise EngineUnavailable(str(exc)) from None
-            except (OSError, ValueError) as exc:  # unreadable / inconsistent files
+            except (OSError, ValueError, RuntimeError) as exc:  # unreadable / inconsistent files
                 raise EngineUnavailable(f"cannot load CLIP weights from {cfg.weights}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a truncated copy
+                raise EngineUnavailable(f"cannot load CLIP weights from {cfg.weights}: "
+                                        f"{type(exc).__name__}: {exc}") from None
         self.scorer = scorer
         self.name = "clip"
         self.version = getattr(scorer, "version", "clip")

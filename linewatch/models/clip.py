@@ -45,6 +45,11 @@ def check_weights_dir(path: Path | str) -> Path:
         raise ClipWeightsError(f"CLIP weights folder {p} has no config.json")
     if not any((p / f).is_file() for f in WEIGHT_FILES):
         raise ClipWeightsError(f"CLIP weights folder {p} has none of {list(WEIGHT_FILES)}")
+    # without them transformers builds a tokenizer with an empty vocabulary: every prompt the
+    # same embedding, every map 0.5, every part OK
+    if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
+        raise ClipWeightsError(f"CLIP weights folder {p} has no tokenizer (tokenizer.json, or vocab.json "
+                               f"and merges.txt)")
     return p
 
 
@@ -84,6 +89,10 @@ class ClipScorer:
             detail = "; ".join(f"{k}: {len(v)} (e.g. {list(v)[0]})" for k, v in gaps.items())
             raise ClipWeightsError(f"CLIP weights folder {p} does not hold the whole model ({detail})")
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        vocab = getattr(model.config.text_config, "vocab_size", None)
+        if vocab is not None and len(tokenizer) != vocab:
+            raise ClipWeightsError(f"CLIP weights folder {p}: the tokenizer has {len(tokenizer)} tokens, the "
+                                   f"text model {vocab}: another model's tokenizer, or a broken one")
         mean, std = CLIP_MEAN, CLIP_STD
         pre = p / "preprocessor_config.json"
         if pre.is_file():

@@ -90,3 +90,24 @@ def test_a_folder_missing_part_of_the_weights_is_refused_not_randomly_filled(cli
     with pytest.raises(EngineUnavailable, match="does not hold the whole model"):
         create_engine(ClipCfg(weights=half))
     assert ClipScorer.from_folder(path).version.startswith(f"clip-{path.name}-")  # names its weights
+
+
+def test_a_folder_without_its_tokenizer_or_with_a_truncated_copy_is_refused(clip_dir, tmp_path):
+    """Regression: without tokenizer files transformers built a tokenizer with an empty vocabulary,
+    so every prompt had the same embedding, every map was 0.5 and every part passed; a truncated
+    model.safetensors raised past the engine (a traceback instead of one line)."""
+    import shutil
+
+    path, _ = clip_dir
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(path / name, bare / name)
+    with pytest.raises(EngineUnavailable, match="has no tokenizer"):
+        create_engine(ClipCfg(weights=bare))
+    cut = tmp_path / "cut"
+    shutil.copytree(path, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineUnavailable, match="cannot load CLIP weights"):
+        create_engine(ClipCfg(weights=cut))
