@@ -6,11 +6,15 @@ same process. Prints a table; ``--append`` adds it to bench/RESULTS.md.
     .venv/bin/python bench/bench_daemon.py [--frames 300] [--rate 25] [--backend torch|onnxruntime]
 
 Rows:
-- ``engine alone``: frames/s of ``infer`` in a loop (the ceiling the daemon can reach);
+- ``engine alone``: frames/s of ``infer`` in a loop (the ceiling the daemon can reach); its
+  latency is per engine call (a batch), over the calls;
 - ``daemon, max rate``: the source as fast as the ring takes frames (policy block, no drops):
   sustained frames/s from first capture to last publish;
 - ``daemon, paced``: the source at ``--rate`` frames/s with the shipped ring policy:
   capture-to-publish latency p50/p99 (``t_publish - t_capture`` as the subscriber receives it).
+Only frames the engine judged (OK / NG) count as inspected; FAULT frames (a deadline overrun, an
+engine error) are their own column and make the exit code 1. ``samples`` is how many latencies
+the percentiles come from; a p99 of fewer than 100 is marked ``~max``.
 Overhead per frame is the CPU time (``time.thread_time`` of each stage's thread) the daemon spends
 on a frame besides the engine call: acquire put and lot assignment, ring, decisions and regions,
 PNG and JSON encoding and sending, SQL writes, summed over threads. CPU time rather than wall time,
@@ -82,7 +86,7 @@ def engine_alone(cfg, n: int) -> dict:
     engine.warmup(src.height, src.width, src.channels)
     lot = cfg.lots.part_count
     batch = cfg.inspect.batch_size
-    per_frame, t_engine = [], 0.0
+    calls, t_engine = [], 0.0
     for i, (_, meta) in enumerate(frames):
         meta.lot_id = f"lot{i // lot}"
     t0 = time.perf_counter()
@@ -92,13 +96,16 @@ def engine_alone(cfg, n: int) -> dict:
         engine.infer([im for im, _ in chunk], [m for _, m in chunk])
         dt_s = time.perf_counter() - t1
         t_engine += dt_s
-        per_frame += [dt_s] * len(chunk)
+        calls.append(dt_s)
         if (s + batch) % lot < batch:
             engine.lot_closed(f"lot{s // lot}")  # outside the timed infer, like the lot closer thread
     wall = time.perf_counter() - t0
     engine.close()
-    return {"fps": n / t_engine, "p50": percentile_ms(per_frame, 50), "p99": percentile_ms(per_frame, 99),
-            "overhead_ms": float("nan"), "unaccounted": 0, "dropped": 0, "wall_s": wall}
+    # percentiles over the calls, not over frames (a batch's time counted once per frame would make
+    # the p99 of 75 calls its slowest call four times over)
+    return {"fps": n / t_engine, "p50": percentile_ms(calls, 50), "p99": percentile_ms(calls, 99),
+            "samples": len(calls), "faults": 0, "overhead_ms": float("nan"), "unaccounted": 0, "dropped": 0,
+            "wall_s": wall}
 
 
 def daemon_run(cfg, n: int) -> dict:
@@ -109,13 +116,13 @@ def daemon_run(cfg, n: int) -> dict:
     sub.setsockopt(zmq.SUBSCRIBE, f"linewatch.{cfg.daemon.line}.frame".encode())
     sub.connect(cfg.publish.endpoint)
     daemon = Daemon(cfg, None, exit_at_source_end=True, install_signals=False)
-    rows: list[tuple[int, int, float, float, str]] = []
+    rows: list[tuple[int, int, float, float, str, str]] = []
 
     def collect() -> None:
         while not (daemon.stopped.is_set() and not sub.poll(300)):
             if sub.poll(100):
                 h = json.loads(sub.recv_multipart()[1])
-                rows.append((h["frame_id"], h["tier"], h["t_capture"], h["t_publish"], h["reason"]))
+                rows.append((h["frame_id"], h["tier"], h["t_capture"], h["t_publish"], h["reason"], h["verdict"]))
 
     t = threading.Thread(target=collect, name="bench-sub")
     t.start()
@@ -125,7 +132,10 @@ def daemon_run(cfg, n: int) -> dict:
     ctx.term()
     tier1 = [r for r in rows if r[1] == 1]
     ids = {r[0] for r in tier1}
-    inspected = [r for r in tier1 if "dropped" not in r[4] and "not inspected" not in r[4]]
+    # inspected: judged by the engine (OK / NG, or held while the threshold calibrates); a FAULT
+    # (deadline overrun, engine error) or a NOT_INSPECTED frame is not throughput
+    inspected = [r for r in tier1 if r[5] in ("OK", "NG") or r[4] == "threshold calibrating"]
+    faults = sum(1 for r in tier1 if r[5] == "FAULT")
     span = max(r[3] for r in tier1) - min(r[2] for r in tier1)
     ins = daemon.inspector
     stages = {"acquire put": daemon.acq_cpu_s, "inspector besides engine": ins.cpu_s - ins.engine_cpu_s,
@@ -133,6 +143,7 @@ def daemon_run(cfg, n: int) -> dict:
     overhead = sum(stages.values())
     lat = [r[3] - r[2] for r in inspected]
     return {"fps": len(inspected) / span, "p50": percentile_ms(lat, 50), "p99": percentile_ms(lat, 99),
+            "samples": len(lat), "faults": faults,
             "overhead_ms": 1000.0 * overhead / max(1, len(tier1)), "unaccounted": n - len(ids),
             "duplicates": len(tier1) - len(ids), "dropped": sum(daemon.ring.drops.values()),
             "engine_ms": 1000.0 * ins.engine_s / max(1, ins.inspected), "wall_s": span,
@@ -172,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             + (f", tier 2: {cfg.engine.tier2_references} references, stride {cfg.engine.tier2_ref_stride})"
                if cfg.engine.kind == "zeroshot" else ")"))
     lines = [head, "",
-             "| run | frames/s | latency p50 ms | latency p99 ms | overhead ms/frame | dropped | unaccounted |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| run | frames/s | latency p50 ms | latency p99 ms | samples | overhead ms/frame | dropped | FAULT | unaccounted |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lat_note = "" if "daemon" in name else " (engine call)"
-        lines.append(f"| {name} | {r['fps']:.1f} | {r['p50']:.1f}{lat_note} | {r['p99']:.1f}{lat_note} | "
-                     f"{r['overhead_ms']:.3f} | {r['dropped']} | {r['unaccounted']} |")
+        p99 = f"{r['p99']:.1f}" if r["samples"] >= 100 else f"{r['p99']:.1f} (~max)"  # too few for a p99
+        lines.append(f"| {name} | {r['fps']:.1f} | {r['p50']:.1f}{lat_note} | {p99}{lat_note} | {r['samples']} | "
+                     f"{r['overhead_ms']:.3f} | {r['dropped']} | {r['faults']} | {r['unaccounted']} |")
     lines += [""] + [f"overhead by stage, {name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["stages_ms"].items())
                      for name, r in results.items() if "stages_ms" in r]
     lines += ["", f"peak RSS of the process: {rss_mb:.0f} MB"]
@@ -192,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [n for n, r in results.items() if r["unaccounted"] or r.get("duplicates")]
     if bad:
         print(f"FRAMES UNACCOUNTED in: {bad}", file=sys.stderr)
+        return 1
+    faulted = [n for n, r in results.items() if r["faults"]]
+    if faulted:
+        print(f"FAULT frames in: {faulted} (not counted as inspected)", file=sys.stderr)
         return 1
     return 0
 

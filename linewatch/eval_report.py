@@ -9,6 +9,7 @@ import html
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import numpy as np
 
@@ -191,7 +192,7 @@ def index_html(out: Path, title: str, table_md: str, kinds_md: str, alarms_md: s
         for c in items:
             parts.append(f"<div><b>{html.escape(c['kind'])}</b> {html.escape(c['image'])} score "
                          f"{c['score']:.3f} (rank {c['rank']:.2f})<br>"
-                         + "".join(f"<img src='{html.escape(c['stem'])}_{p}.png' title='{p}'>"
+                         + "".join(f"<img src='{html.escape(quote(c['stem']))}_{p}.png' title='{p}'>"
                                    for p in ("image", "gt", "pred")) + "</div>")
     parts.append("</body></html>")
     (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
@@ -223,7 +224,8 @@ def summary(out: Path, data: Path, per_category: dict[str, dict[str, dict[str, f
                                     "<category>/metrics.md and <category>/index.html.\n", encoding="utf-8")
     (out / "metrics.json").write_text(json.dumps({"data": str(data), "categories": per_category, "mean": mean},
                                                  indent=2), encoding="utf-8")
-    links = "".join(f"<li><a href='{html.escape(c)}/index.html'>{html.escape(c)}</a></li>" for c in per_category)
+    # file names may hold '#', '?' or '%': quoted as URLs, then escaped as HTML
+    links = "".join(f"<li><a href='{html.escape(quote(c))}/index.html'>{html.escape(c)}</a></li>" for c in per_category)
     (out / "index.html").write_text(page_head(title) + md_table_html(table)
                                     + f"<h2>Categories</h2><ul>{links}</ul></body></html>", encoding="utf-8")
     print(table)

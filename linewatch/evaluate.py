@@ -494,6 +494,12 @@ def run(args) -> int:
         return 2
     categories = {}
     for name, cat_samples in _categories(samples, layout).items():
+        n_bad = sum(1 for smp in cat_samples if smp.defective)
+        if n_bad == 0 or n_bad == len(cat_samples):  # no metric is defined: say so before any inference
+            where = f"{args.data}" + (f" / {name}" if name else "")
+            print(f"cannot evaluate {where} ({layout} layout): {n_bad} defective and "
+                  f"{len(cat_samples) - n_bad} defect-free images; it needs both, with ground truth")
+            return 2
         lots = _lots(args, cat_samples, layout)
         if args.limit_lots:
             lots = lots[:args.limit_lots]

@@ -115,3 +115,27 @@ def test_the_refined_row_says_how_many_frames_a_trained_ard_refined():
     one: dict = {}
     evaluate([sum(lots, [])], ["coarse", "refined"], engine, refine_cfg=refine, info=one, progress=False)
     assert one["refined_frames_with_ard"] == 0
+
+
+def test_eval_of_one_class_only_is_refused_before_any_inference(tmp_path, capsys):
+    """Regression: a folder of defect-free images ran every engine, then failed on an undefined
+    metric and wrote no report."""
+    from linewatch.cli import main
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for img in sorted((MT / "free").glob("*.jpg"))[:3]:
+        (flat / img.name).symlink_to(img)
+    assert main(["eval", str(flat), "--out", str(tmp_path / "r")]) == 2
+    assert "0 defective and 3 defect-free images; it needs both" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+
+
+def test_gallery_links_survive_file_names_with_url_characters(tmp_path):
+    from linewatch import eval_report as rep
+
+    case = {"kind": "best", "image": "part#12.png", "score": 1.0, "rank": 0.5,
+            "stem": "gallery/coarse/best_g_f_part#12?a"}
+    rep.index_html(tmp_path, "t", "| a |\n|---|\n| 1 |", "", "", {"coarse": [case]}, "", "")
+    page = (tmp_path / "index.html").read_text()
+    assert "src='gallery/coarse/best_g_f_part%2312%3Fa_image.png'" in page

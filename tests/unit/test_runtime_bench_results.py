@@ -16,6 +16,7 @@ def test_table_compares_with_torch_eager_of_the_same_model_and_batch():
     lines = format_table([eager, ort, trt])
     assert lines[2].endswith("| 1.00x |") and "| 2.00x |" in lines[4] and "| 2.00x |" in lines[5]
     assert "not run: no GPU" in lines[-1]
+    assert "| 50.0 (~max) | 2 |" in lines[4]  # the sample count shows; a p99 of 2 calls says it is the max
 
 
 def test_append_keeps_other_sections_in_place(tmp_path):
