@@ -126,6 +126,7 @@ class Daemon:
         self.notifier = Notifier()
         self.ready = threading.Event()
         self.stopped = threading.Event()
+        self.stopping = threading.Event()  # the main loop has left: no queued reload will run
         self.started_at = time.time()
         self._started: list[str] = []  # the threads _start has started, in order
         self._wake_r, self._wake_w = os.pipe()
@@ -374,6 +375,9 @@ class Daemon:
             end = time.monotonic() + RELOAD_WAIT_S
             while not done.wait(0.5):
                 self.control.t_heartbeat = time.monotonic()  # waiting on the reload, not hung
+                if self.stopping.is_set():  # a stop came first: nothing will run this reload, and
+                    # waiting on would hold the control socket open past the stop
+                    raise RuntimeError("the daemon is stopping; the reload was not run")
                 if time.monotonic() > end:
                     raise RuntimeError(f"reload did not finish within {RELOAD_WAIT_S:.0f} s")
             self.control.t_heartbeat = time.monotonic()
@@ -631,6 +635,7 @@ class Daemon:
         """Drain and stop, in order. Each step is attempted even when an earlier one fails (the
         store must still flush if, say, tier 2 fails to stop); a failed step is logged and makes
         the exit code 1."""
+        self.stopping.set()
         self.notifier.stopping()
         drain_s = self.cfg.daemon.drain_timeout_s
 

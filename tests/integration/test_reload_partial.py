@@ -119,3 +119,36 @@ def test_a_reload_whose_warm_up_fails_on_the_new_frame_size_keeps_reading_the_ne
     message, before, after, shape = run.observed
     assert "already restarted on the new config: source" in message and "CUDA out of memory" in message
     assert shape[:2] == (96, 96) and after > before  # the new camera's frames keep coming in
+
+
+def test_a_ctl_reload_queued_behind_a_stop_is_answered_at_once(tmp_path: Path):
+    """Regression: a `ctl reload` that arrived as the daemon was stopping waited its full 60 s for
+    a reload nothing would run, holding the control socket (and the stop) that long."""
+    import threading
+    import time
+
+    source = {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 100000, "fps": 20.0}
+    cfg = config(tmp_path, source, engine={"kind": "zeroshot", "threads": 1, "input_size": 64})
+
+    def stop_then_reload(daemon):
+        out: dict = {}
+
+        def ctl_reload() -> None:
+            t0 = time.monotonic()
+            try:
+                daemon._handlers()["reload"]([])
+            except RuntimeError as exc:
+                out["error"] = str(exc)
+            out["waited_s"] = time.monotonic() - t0
+
+        daemon.config_path = tmp_path / "unused.toml"
+        daemon._wake("stop")  # the stop is queued first: the main loop leaves before any reload
+        t = threading.Thread(target=ctl_reload)
+        t.start()
+        t.join(90)
+        return out
+
+    run = run_daemon(cfg, timeout_s=180, exit_at_source_end=False, while_running=stop_then_reload)
+    assert run.error is None and run.rc == 0
+    assert "stopping; the reload was not run" in run.observed["error"]
+    assert run.observed["waited_s"] < 30  # not the 60 s of a reload that never comes
