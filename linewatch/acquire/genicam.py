@@ -165,8 +165,9 @@ class FrameIdSequencer:
     """Turns the device's frame ids into ids that only increase across restarts and reopens.
 
     The device counter is kept while it increases (its gaps are camera-side loss). When a 16-bit
-    block id wraps (GigE Vision 1.x: ... 65535, 1, 2 ...; 0 is not a block id) the ids go on as
-    if it had not, so frames lost across the wrap still show as a gap. Any other step back (a
+    block id wraps (GigE Vision 1.x: ... 65535, 1, 2 ...; 0 is not a block id; a device that has
+    sent id 0 counts from 0 and wraps to 0) the ids go on as if it had not, so frames lost across
+    the wrap still show as a gap. Any other step back (a
     device restarted after a reopen starts again at 1) shifts the ids to continue after the last
     one given out, with no gap: frames lost while the camera was away are counted as the reopen,
     not as frames. A device without frame ids gets a local counter.
@@ -180,6 +181,7 @@ class FrameIdSequencer:
         self._last_raw: int | None = None
         self._offset = 0
         self.wraps = 0
+        self._zero_based = False  # the device has sent id 0: its counter wraps to 0, not to 1
 
     def reopened(self) -> None:
         """The device was reopened: its next id starts a new count, whatever it is."""
@@ -190,13 +192,15 @@ class FrameIdSequencer:
             self.last = 0 if self.last is None else self.last + 1
             return self.last
         prev_raw, self._last_raw = self._last_raw, raw
+        if raw == 0:
+            self._zero_based = True
         out = raw + self._offset
         if self.last is None or out > self.last:
             self.last = out
             return out
         if (prev_raw is not None and self.WRAP - self.WRAP_WINDOW <= prev_raw <= self.WRAP
                 and 0 <= raw <= self.WRAP_WINDOW):
-            lost = (self.WRAP - prev_raw) + max(0, raw - 1)
+            lost = (self.WRAP - prev_raw) + (raw if self._zero_based else max(0, raw - 1))
             out = self.last + 1 + lost
             self.wraps += 1
             logger.info("device block id wrapped (%d -> %d): ids continue at %d, %d frames lost "

@@ -102,6 +102,9 @@ def test_a_16_bit_block_id_wrap_keeps_the_frames_lost_across_it_as_a_gap():
     # a device counting from 0 wraps with no gap either
     seq = FrameIdSequencer()
     assert [seq.next(i) for i in (65534, 65535, 0, 1)] == [65534, 65535, 65536, 65537]
+    # and one known to count from 0 (it sent id 0) that lost its 0 across the wrap shows it
+    seq = FrameIdSequencer()
+    assert [seq.next(i) for i in (0, 65534, 65535, 1)] == [0, 65534, 65535, 65537]  # 0 lost: one id
 
 
 def test_a_reopened_device_near_the_end_of_its_counter_is_not_taken_for_a_wrap():
