@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from linewatch import config as cfgmod  # noqa: E402
 from linewatch.acquire import create_source  # noqa: E402
+from linewatch.benchmark import p99_cell  # noqa: E402
 from linewatch.daemon import Daemon  # noqa: E402
 from linewatch.engines import create_engine  # noqa: E402
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lat_note = "" if "daemon" in name else " (engine call)"
-        p99 = f"{r['p99']:.1f}" if r["samples"] >= 100 else f"{r['p99']:.1f} (~max)"  # too few for a p99
+        p99 = p99_cell(r["p99"], r["samples"])
         lines.append(f"| {name} | {r['fps']:.1f} | {r['p50']:.1f}{lat_note} | {p99}{lat_note} | {r['samples']} | "
                      f"{r['overhead_ms']:.3f} | {r['dropped']} | {r['faults']} | {r['unaccounted']} |")
     lines += [""] + [f"overhead by stage, {name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in r["stages_ms"].items())

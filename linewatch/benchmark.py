@@ -215,6 +215,14 @@ def summarize_rows(raw_rows: list[dict]) -> list[dict]:
     return out
 
 
+P99_MIN_SAMPLES = 100  # below this a p99 is about the slowest sample
+
+
+def p99_cell(p99_ms: float, samples: int) -> str:
+    """A p99 for a results table, marked ``~max`` when too few samples make it the slowest one."""
+    return f"{p99_ms:.1f}" + ("" if samples >= P99_MIN_SAMPLES else " (~max)")
+
+
 def format_table(results: list[dict]) -> list[str]:
     """Markdown table rows of the results (speed-up is against torch eager, same model and batch)."""
     base = {(r["model"], row["batch"]): row["fps"] for r in results if r["backend"] == "torch-eager" and r["ok"]
@@ -229,8 +237,7 @@ def format_table(results: list[dict]) -> list[str]:
         for row in r["rows"]:
             b = base.get((r["model"], row["batch"]))
             speed = f"{row['fps'] / b:.2f}x" if b else "-"
-            # a p99 of fewer than 100 calls is about their slowest one: marked as such
-            p99 = f"{row['p99_ms']:.1f}" + ("" if row.get("calls", 100) >= 100 else " (~max)")
+            p99 = p99_cell(row["p99_ms"], row.get("calls", P99_MIN_SAMPLES))
             lines.append(f"| {r['model']} | {r['backend']} | {row['batch']} | {row['fps']:.1f} | {row['p50_ms']:.1f} | "
                          f"{p99} | {row.get('calls', '-')} | {mem} | {speed} |")
     return lines

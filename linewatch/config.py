@@ -550,22 +550,20 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
                 start = i
                 break
         else:
-            # the section itself may be the problem
-            header = re.compile(r"^\s*\[\s*" + re.escape(keys[0]) + r"[\].]")
-            for i, ln in enumerate(lines):
-                if header.match(ln):
-                    return i + 1
-            return None
+            return _section_line(lines, keys[0])  # the section itself may be the problem
     key = re.compile(r"^\s*" + re.escape(keys[-1]) + r"\s*=")
     for i in range(start, len(lines)):
         if key.match(lines[i]):
             return i + 1
     if len(keys) == 1:  # a whole section: its [header] (a misspelled one, a cross-field check)
-        header = re.compile(r"^\s*\[\s*" + re.escape(keys[0]) + r"\s*[\].]")
-        for i, ln in enumerate(lines):
-            if header.match(ln):
-                return i + 1
-    return start + 1 if len(keys) > 1 else None
+        return _section_line(lines, keys[0])
+    return start + 1
+
+
+def _section_line(lines: list[str], name: str) -> int | None:
+    """Line number of the first ``[name]`` or ``[name.sub]`` table header, None without one."""
+    header = re.compile(r"^\s*\[\s*" + re.escape(name) + r"\s*[\].]")
+    return next((i + 1 for i, ln in enumerate(lines) if header.match(ln)), None)
 
 
 def _kinds(loc: tuple[Any, ...]) -> str:

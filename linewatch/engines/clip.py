@@ -39,9 +39,8 @@ class ClipEngine:
                 scorer = ClipScorer.from_folder(cfg.weights, device=cfg.device)
             except ClipWeightsError as exc:
                 raise EngineUnavailable(str(exc)) from None
-            except (OSError, ValueError, RuntimeError) as exc:  # unreadable / inconsistent files
-                raise EngineUnavailable(f"cannot load CLIP weights from {cfg.weights}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a truncated copy
+            except Exception as exc:  # noqa: BLE001 - unreadable or inconsistent files (OSError,
+                # ValueError, transformers' RuntimeError, safetensors' SafetensorError on a truncated copy)
                 raise EngineUnavailable(f"cannot load CLIP weights from {cfg.weights}: "
                                         f"{type(exc).__name__}: {exc}") from None
         self.scorer = scorer
