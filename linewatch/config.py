@@ -353,11 +353,13 @@ class RefineConfig(Strict):
                             "`linewatch eval --methods coarse,refined` before enabling it.",
                             default=False)
     steps: int = restart("Training steps per lot, at most.", default=20, ge=1, le=100000)
-    time_budget_s: float = restart("Wall-clock budget per lot for building samples and training; a "
+    time_budget_s: float = restart("Wall-clock budget per lot for building samples (at most half "
+                                   "of it; fewer samples when they take longer) and training; a "
                                    "round stops at whichever of steps / budget ends first.",
                                    default=30.0, gt=0)
-    cpu_share: float = restart("Share of one core the training may take (it sleeps between steps "
-                               "so tier 1 keeps the rest); 1 = no pause.", default=0.5, gt=0, le=1)
+    cpu_share: float = restart("Share of the time the training may run (it pauses between steps so "
+                               "tier 1 keeps the rest; each step uses as many threads as the "
+                               "engine, `[engine] threads`); 1 = no pause.", default=0.5, gt=0, le=1)
     pseudo_normal_fraction: float = restart(
         "Share of each lot, lowest zero-shot image scores first, used as normal frames for PGT.",
         default=0.6, gt=0, le=1)

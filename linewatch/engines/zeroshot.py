@@ -134,6 +134,7 @@ class _Entry:
     frame_hw: tuple[int, int]
     image: np.ndarray | None = None  # the frame in working geometry, kept only for refinement
     tier1: torch.Tensor | None = None  # its tier-1 score grid (before edge calibration)
+    recipe: str = ""  # its lot's recipe (refinement keeps one ARD per recipe)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +273,8 @@ class ZeroShotEngine:
         return acc / np.maximum(wsum, 1e-6)
 
     def _entry(self, meta: FrameMeta, feat: torch.Tensor, hw: tuple[int, int]) -> _Entry:
-        return _Entry(meta.frame_id, feat, self.scorer.reference(feat, self.ref_stride, meta.frame_id), hw)
+        return _Entry(meta.frame_id, feat, self.scorer.reference(feat, self.ref_stride, meta.frame_id), hw,
+                      recipe=meta.recipe)
 
     def _output(self, patch_scores: torch.Tensor, hw: tuple[int, int]) -> EngineOutput:
         smap = zs.to_pixel_map(patch_scores, hw[0], hw[1], self.smooth_cells)
@@ -451,7 +453,8 @@ class ZeroShotEngine:
         from ..refine.worker import LotJob
 
         refiner = self.refiner
-        ard = refiner.current()  # trained on an earlier lot (None before the first round)
+        recipe = entries[0].recipe
+        ard = refiner.current(recipe)  # trained on an earlier lot of this recipe (None before one was)
         logits = refiner.refine([e.image for e in entries], [self.scorer.fine(e.feat) for e in entries], z, ard)
         self.last_coarse = coarse if self.keep_coarse else {}
         if not all(np.isfinite(m).all() for m in logits):
@@ -473,7 +476,7 @@ class ZeroShotEngine:
         self.last_tier2_model = ard.model if ard is not None else {"name": self.name, "version": self.version}
         refiner.submit(LotJob(lot_id, [e.image for e in entries], [self.scorer.fine(e.feat) for e in entries],
                               [e.ref for e in entries], z, [coarse[e.frame_id].image_score for e in entries],
-                              scale, border, offsets, memory))
+                              scale, border, offsets, memory, recipe=recipe))
         return out
 
     def close(self) -> None:

@@ -82,7 +82,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
                  rng: np.random.Generator, references: int = 6, normal_share: float = 0.2,
                  border: zs.BorderStats | None = None, drawn_share: float = 0.0,
                  position: Sequence[torch.Tensor | None] | None = None,
-                 memory: Sequence[zs.Reference] = ()) -> list[Sample]:
+                 memory: Sequence[zs.Reference] = (),
+                 should_stop: Callable[[], bool] | None = None) -> list[Sample]:
     """``n_samples`` training samples built on the frames ``normals`` of a lot.
 
     ``images`` / ``feats`` / ``refs`` are the whole lot (working geometry, features and subsampled
@@ -95,7 +96,8 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
     tier 2: its source frame's position offset ``position[i]`` (``zeroshot.position_offset``, None
     where none applies) and the edge calibration ``border`` (``zeroshot.border_stats``). The
     ``memory`` references (earlier lots' frames) the lot was scored with at tier 2 are references
-    of every sample too.
+    of every sample too. ``should_stop`` is asked before each batch of ``FEATURE_BATCH`` samples:
+    when it answers True the samples built so far are returned (fewer than ``n_samples``).
     """
     if not normals:
         return []
@@ -118,9 +120,19 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
             out, mask = paste_noise_anomaly(img, rng, source=_source_for(images, i, rng), mask=mask)
         frames.append(out)
         masks.append(mask)
-    syn_feats: list[torch.Tensor] = []
+    samples = []
     for s in range(0, len(frames), FEATURE_BATCH):
-        syn_feats.extend(extract(frames[s:s + FEATURE_BATCH]))
+        if should_stop is not None and should_stop():
+            break
+        batch = slice(s, s + FEATURE_BATCH)
+        samples.extend(_score_samples(picks[batch], frames[batch], extract(frames[batch]), masks[batch], feats,
+                                      refs, test_z, scale, scorer, rng, references, border, position, memory))
+    return samples
+
+
+def _score_samples(picks, frames, syn_feats, masks, feats, refs, test_z, scale, scorer, rng, references,
+                   border, position, memory) -> list[Sample]:
+    """One batch of ``make_samples``: each synthetic frame scored as tier 2 scores its source."""
     samples = []
     for i, img, f, m in zip(picks, frames, syn_feats, masks):
         others = [j for j in range(len(feats)) if j != i]

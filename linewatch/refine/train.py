@@ -95,13 +95,24 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> tor
     return focal * 10.0 + dice
 
 
+def _pause(seconds: float, deadline: float, should_stop: Callable[[], bool]) -> None:
+    """Sleep ``seconds``, but not past ``deadline`` (monotonic) nor beyond a stop (checked every 0.1 s)."""
+    end = min(time.monotonic() + seconds, deadline)
+    while not should_stop():
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.1))
+
+
 def train_ard(ard: ARD, samples: Sequence[Sample], steps: int, time_budget_s: float, rng: np.random.Generator,
               batch_size: int = 8, crop_px: int = 128, lr: float = 2e-3, cpu_share: float = 1.0,
               should_stop: Callable[[], bool] = lambda: False, loss_kind: str = "rank") -> TrainReport:
     """Train ``ard`` in place on crops of ``samples`` for ``steps`` steps or ``time_budget_s``
     seconds, whichever ends first (or at the first non-finite loss: ``stopped_by`` "nonfinite",
-    and the caller must not use the ARD). ``cpu_share`` < 1 sleeps after each step so that training
-    takes about that share of one core's time (the daemon's tier 1 keeps the rest). ``loss_kind``:
+    and the caller must not use the ARD). ``cpu_share`` < 1 pauses after each step so that training
+    runs about that share of the time (each step uses torch's threads, as many as the engine's;
+    the daemon's tier 1 keeps the rest); a pause ends early at the budget's end or a stop. ``loss_kind``:
     "rank" (``_rank_loss``; a batch without anomaly pixels is skipped but counts as a step) or
     "focal_dice" (``_loss``, which does not honour the samples' ``ignore`` pixels)."""
     if loss_kind not in ("rank", "focal_dice"):
@@ -151,6 +162,6 @@ def train_ard(ard: ARD, samples: Sequence[Sample], steps: int, time_budget_s: fl
             first = last
         done += 1
         if cpu_share < 1.0:
-            time.sleep((time.monotonic() - ts) * (1.0 / max(cpu_share, 0.05) - 1.0))
+            _pause((time.monotonic() - ts) * (1.0 / max(cpu_share, 0.05) - 1.0), t0 + time_budget_s, should_stop)
     ard.eval()
     return TrainReport(done, time.monotonic() - t0, first, last, why)

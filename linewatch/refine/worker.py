@@ -6,8 +6,18 @@ lot (lot k-1 when training keeps up), then lot k is handed to the worker. The wo
 pending lot: a newer lot replaces a pending one that has not started (counted in ``skipped``), so
 a slow trainer falls behind by at most one lot and never queues work without bound. Training is
 progressive: each round starts from the current ARD's weights. A finished ARD gets a new version
-(``ard-<run>-<n>``), is announced through ``on_model(name, version, kind, details, trained_on_lot)``
+(``ard-<run>-<n>``, the run id random so two refiners, or two lines sharing a database, never name
+two ARDs alike), is announced through ``on_model(name, version, kind, details, trained_on_lot)``
 (the daemon records it in the model-versions table), and replaces the current one atomically.
+
+One ARD is kept per recipe (product): a lot is refined by the ARD trained on an earlier lot of its
+own recipe, never by one learned on another product, and a recipe seen for the first time gets
+the coarse maps until a lot of it has been trained on (its first ARD starts from the untrained
+decoder, not from another product's weights).
+
+The time budget covers building the training samples as well as training; a stop (``close``, or
+the end of the program's main thread) ends a round at its next sample batch or training step, so
+the worker never keeps the process alive after the daemon is done.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +46,8 @@ from .train import train_ard
 logger = logging.getLogger(__name__)
 
 ARD_NAME = "ard"
+MAX_RECIPES = 32  # ARDs kept, one per recipe (the least recently trained is forgotten beyond it)
+SAMPLE_BUDGET_SHARE = 0.5  # building samples stops at this share of the time budget (training needs the rest)
 # selector(lot_id, image_scores, fraction) -> indices of pseudo-normal frames (eval overrides it)
 Selector = Callable[[str, Sequence[float], float], list[int]]
 
@@ -46,6 +59,7 @@ class ARDVersion:
     module: ARD
     version: str
     trained_on_lot: str
+    recipe: str = ""
 
     @property
     def model(self) -> dict[str, str]:
@@ -69,6 +83,7 @@ class LotJob:
     position: list = field(default_factory=list)
     # the tier-2 memory (references of earlier lots' frames) the lot was scored with
     memory: list[Reference] = field(default_factory=list)
+    recipe: str = ""  # the lot's recipe: its ARD refines later lots of that recipe only
     t_submit: float = field(default_factory=time.monotonic)
 
 
@@ -85,7 +100,7 @@ class Refiner:
         self.scorer = scorer  # the engine's: PGT samples are scored as tier 2 scores frames
         self.on_model = on_model
         self.selector = selector
-        self.run_id = f"{int(time.time()):x}"
+        self.run_id = f"{int(time.time()):x}{secrets.token_hex(3)}"
         self._rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         from ..engines.zeroshot import SMOOTH_SIGMA_CELLS
@@ -96,7 +111,7 @@ class Refiner:
         self._base = ARD(self.feat_dim, width=cfg.width, skip_sigma=sigma, delta_max=cfg.delta_max,
                          gate_units=cfg.gate_units, raise_max=cfg.raise_max, peak_window=cfg.peak_window_px)
         self._base.eval()
-        self._current: ARDVersion | None = None
+        self._current: dict[str, ARDVersion] = {}  # recipe -> its ARD, least recently trained first
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: LotJob | None = None
@@ -110,10 +125,10 @@ class Refiner:
         self.pseudo_normals: dict[str, list[int]] = {}  # lot id -> indices used (the latest few)
 
     # ------------------------------------------------------------------------ inference
-    def current(self) -> ARDVersion | None:
-        """The ARD in use now (None before the first round finished)."""
+    def current(self, recipe: str = "") -> ARDVersion | None:
+        """The ARD that refines lots of ``recipe`` now (None before a lot of it was trained on)."""
         with self._lock:
-            return self._current
+            return self._current.get(recipe)
 
     def refine(self, images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], zs: Sequence[torch.Tensor],
                ard: ARDVersion | None) -> list[np.ndarray]:
@@ -160,7 +175,7 @@ class Refiner:
             self._pending = job
             if self._thread is None:
                 # not a daemon thread: a torch op cut short by interpreter teardown aborts the
-                # process; close() makes a round stop at its next step
+                # process; close(), or the main thread's end, makes a round stop at its next step
                 self._thread = threading.Thread(target=self._run, name="pgt", daemon=False)
                 self._thread.start()
             self._wake.notify_all()
@@ -186,13 +201,18 @@ class Refiner:
         if thread is not None:
             thread.join(timeout_s)
 
+    def _stopping(self) -> bool:
+        """close() was called, or the program is ending (its main thread finished without it:
+        a daemon that could not close its engine must still exit)."""
+        return self._stop or not threading.main_thread().is_alive()
+
     def _run(self) -> None:
         lower_priority(TIER2_NICE)  # test-time training is background work, like tier 2
         while True:
             with self._lock:
-                while self._pending is None and not self._stop:
-                    self._wake.wait()
-                if self._stop:
+                while self._pending is None and not self._stopping():
+                    self._wake.wait(1.0)
+                if self._stopping():
                     return
                 job, self._pending, self._busy = self._pending, None, True
             try:
@@ -224,19 +244,29 @@ class Refiner:
         self.pseudo_normals[job.lot_id] = normals
         while len(self.pseudo_normals) > 64:
             self.pseudo_normals.pop(next(iter(self.pseudo_normals)))
+        sample_deadline = t0 + cfg.time_budget_s * SAMPLE_BUDGET_SHARE
         samples = make_samples(job.images, job.feats, job.refs, job.z, normals, job.scale, cfg.samples_per_lot,
                                self.extract, self.scorer, self._rng, references=cfg.references,
                                border=job.border, position=job.position, drawn_share=cfg.drawn_share,
-                               memory=job.memory if cfg.sample_memory else ())
+                               memory=job.memory if cfg.sample_memory else (),
+                               should_stop=lambda: self._stopping() or time.monotonic() > sample_deadline)
         t1 = time.monotonic()
-        prev = self.current()
+        if self._stopping():  # shutting down or swapped: nothing is trained, released or recorded
+            return
+        if not samples:
+            logger.info("PGT: no training sample fitted the budget for lot %s", job.lot_id)
+            return
+        if len(samples) < cfg.samples_per_lot:
+            logger.info("PGT: %d of %d samples for lot %s fitted half the time budget", len(samples),
+                        cfg.samples_per_lot, job.lot_id)
+        prev = self.current(job.recipe)
         ard = copy.deepcopy(prev.module if prev is not None else self._base)
         for p in ard.parameters():  # a released ARD is frozen; its copy trains
             p.requires_grad_(True)
         budget = max(0.0, cfg.time_budget_s - (t1 - t0))
         report = train_ard(ard, samples, cfg.steps, budget, self._rng, batch_size=cfg.batch_size,
                            crop_px=cfg.crop_px, lr=cfg.lr, cpu_share=cfg.cpu_share,
-                           should_stop=lambda: self._stop, loss_kind=cfg.loss)
+                           should_stop=self._stopping, loss_kind=cfg.loss)
         if report.stopped_by == "stop":  # shutting down or swapped: nothing is released or recorded
             return
         if report.stopped_by == "nonfinite" or not all(bool(torch.isfinite(p).all()) for p in ard.parameters()):
@@ -250,14 +280,19 @@ class Refiner:
         for p in ard.parameters():
             p.requires_grad_(False)
         n = self.trained + 1
-        release = ARDVersion(ard, f"{ARD_NAME}-{self.run_id}-{n}", job.lot_id)
-        details = {"trained_on_lot": job.lot_id, "previous": prev.version if prev else None,
+        release = ARDVersion(ard, f"{ARD_NAME}-{self.run_id}-{n}", job.lot_id, job.recipe)
+        details = {"trained_on_lot": job.lot_id, "recipe": job.recipe, "previous": prev.version if prev else None,
                    "pseudo_normals": len(normals), "samples": len(samples), "steps": report.steps,
                    "stopped_by": report.stopped_by, "loss_first": round(report.loss_first, 5),
                    "loss_last": round(report.loss_last, 5), "synth_s": round(t1 - t0, 3),
                    "train_s": round(report.seconds, 3), "width": cfg.width}
         with self._lock:
-            self._current = release
+            self._current.pop(job.recipe, None)
+            self._current[job.recipe] = release  # the most recently trained last
+            while len(self._current) > MAX_RECIPES:
+                forgotten = self._current.pop(next(iter(self._current)))
+                logger.info("PGT: %s (recipe %r) forgotten: more than %d recipes", forgotten.version,
+                            forgotten.recipe, MAX_RECIPES)
             self.trained = n
             self.last_report = details
         logger.info("PGT: %s trained on lot %s (%d steps, %.1f s, loss %.3f -> %.3f)", release.version,

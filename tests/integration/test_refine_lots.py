@@ -46,8 +46,8 @@ def engine():
     torch.set_num_threads(n)
 
 
-def _feed(engine, images, lot_id, first_id, ledger=None):
-    metas = [FrameMeta(first_id + i, time.time(), "cam0", im.shape[0], im.shape[1], lot_id=lot_id)
+def _feed(engine, images, lot_id, first_id, ledger=None, recipe=""):
+    metas = [FrameMeta(first_id + i, time.time(), "cam0", im.shape[0], im.shape[1], lot_id=lot_id, recipe=recipe)
              for i, im in enumerate(images)]
     engine.infer(images, metas)
     if ledger is not None:
@@ -81,6 +81,14 @@ def test_lot_k_trains_the_ard_that_refines_lot_k_plus_1(engine, lots):
     coarse = engine.last_coarse  # what the refinement started from
     assert sorted(coarse) == sorted(out1)
     assert engine.refiner.wait_idle(300)
+    assert engine.refiner.current().trained_on_lot == "lot1"
+
+    # a lot of another product is not refined by this product's ARD: its coarse maps go out
+    _feed(engine, lots[0], "lot2", 8, recipe="housing")
+    out2 = engine.lot_closed("lot2")
+    assert sorted(out2) == [8, 9, 10, 11] and engine.last_tier2_model["name"] == "zeroshot"
+    assert engine.refiner.wait_idle(300)
+    assert engine.refiner.current("housing").trained_on_lot == "lot2"
     assert engine.refiner.current().trained_on_lot == "lot1"
 
 

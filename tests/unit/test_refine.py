@@ -290,3 +290,97 @@ def test_non_finite_lots_and_diverged_rounds_release_no_ard():
         assert r.current() is not None and r.current().trained_on_lot == "lot2"
     finally:
         r.close()
+
+
+def _recipe_job(lot_id, recipe, seed=0):
+    job = _job(lot_id, seed=seed)
+    job.recipe = recipe
+    return job
+
+
+def test_each_recipe_has_its_own_ard_and_another_recipe_gets_none():
+    """An ARD learned on one product never refines another's lots; a new product's first ARD
+    starts from the untrained decoder, not from the other product's weights."""
+    r = Refiner(_cfg(), 3, FakeExtract(), zs.Scorer(0.3))
+    try:
+        r.submit(_recipe_job("a0", "bracket"))
+        assert r.wait_idle(120)
+        a = r.current("bracket")
+        assert a is not None and a.recipe == "bracket" and r.current("housing") is None and r.current() is None
+        r.submit(_recipe_job("h0", "housing", seed=1))
+        assert r.wait_idle(120)
+        assert r.current("housing").trained_on_lot == "h0" and r.last_report["previous"] is None
+        assert r.last_report["recipe"] == "housing"
+        assert r.current("bracket") is a  # untouched by the other product's round
+    finally:
+        r.close()
+
+
+def test_two_refiners_started_together_name_their_versions_apart():
+    """ARD versions are unique in the model-versions table (name, version): two refiners built in
+    the same second (a reload just after start, two lines on one database) must not share one."""
+    runs = {Refiner(_cfg(), 3, FakeExtract(), zs.Scorer(0.3)).run_id for _ in range(20)}
+    assert len(runs) == 20
+
+
+class SlowExtract(FakeExtract):
+    def __call__(self, images):
+        import time
+
+        time.sleep(0.3)
+        return super().__call__(images)
+
+
+def test_building_samples_counts_against_the_time_budget():
+    """Sample building stops at half the budget with the samples built so far; a round no longer
+    overruns its budget by the whole build (32 samples at 0.3 s per batch of 4 = 2.4 s)."""
+    import time
+
+    r = Refiner(_cfg(samples_per_lot=32, time_budget_s=1.0, steps=100000), 3, SlowExtract(), zs.Scorer(0.3))
+    try:
+        t0 = time.monotonic()
+        r.submit(_job("lot0"))
+        assert r.wait_idle(120)
+        took = time.monotonic() - t0
+        assert took < 2.0, took
+        assert 0 < r.last_report["samples"] < 32 and r.current() is not None
+    finally:
+        r.close()
+
+
+def test_close_interrupts_sample_building():
+    import time
+
+    r = Refiner(_cfg(samples_per_lot=64), 3, SlowExtract(), zs.Scorer(0.3))
+    r.submit(_job("lot0"))
+    time.sleep(0.5)  # inside the build (16 batches at 0.3 s)
+    t0 = time.monotonic()
+    r.close(timeout_s=10.0)
+    assert time.monotonic() - t0 < 1.5 and not r._thread.is_alive()
+    assert r.current() is None and r.trained == 0
+
+
+@pytest.mark.parametrize("steps, wait", [(3, "r.wait_idle(60)"), (100000, "time.sleep(1.0)")],
+                         ids=["idle", "training"])
+def test_the_worker_ends_with_the_program_when_close_was_never_called(tmp_path, steps, wait):
+    """A daemon that could not close its engine (its inspector thread would not drain) still
+    exits: the training thread ends when the main thread has finished, idle or mid-round."""
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "exit_without_close.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+        import test_refine as t
+        from linewatch.models import zeroshot as zs
+        from linewatch.refine.worker import Refiner
+        r = Refiner(t._cfg(steps={steps}), 3, t.FakeExtract(), zs.Scorer(0.3))
+        r.submit(t._job("lot0"))
+        {wait}
+        sys.exit(3)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]
