@@ -251,6 +251,8 @@ class PromptConfig(Strict):
 
         for t in self.templates:
             check_template(t)
+        if any(not d.strip() for d in self.defects):
+            raise ValueError("defects: a defect phrase must not be blank")
         if self.min_region_fraction > self.max_region_fraction:
             raise ValueError("min_region_fraction must not exceed max_region_fraction")
         return self
@@ -273,6 +275,17 @@ class RecipePrompts(Strict):
         """``base`` with this recipe's keys replaced (validated again)."""
         update = {k: v for k, v in self.model_dump().items() if v is not None}
         return PromptConfig.model_validate({**base.model_dump(), **update})
+
+
+def check_recipes(prompts: PromptConfig, recipes: dict[str, RecipePrompts]) -> None:
+    """Each recipe's overrides applied to ``prompts`` must make a valid PromptConfig: checked with
+    the config, not on the recipe's first frame (where it would fault every batch)."""
+    for name, override in recipes.items():
+        try:
+            override.apply(prompts)
+        except ValidationError as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'prompts'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"recipes.{name}: {why}") from None
 
 
 class DQFormerEngine(Strict):
@@ -299,7 +312,8 @@ class DQFormerEngine(Strict):
         default_factory=dict)
 
     @model_validator(mode="after")
-    def _tensorrt_on_a_gpu(self) -> "DQFormerEngine":
+    def _consistent(self) -> "DQFormerEngine":
+        check_recipes(self.prompts, self.recipes)
         if self.backend == "tensorrt" and not self.device.startswith("cuda"):
             raise ValueError(f"backend tensorrt runs on a GPU: set device = \"cuda\" or \"cuda:<index>\" "
                              f"(not {self.device!r})")
@@ -322,7 +336,8 @@ class ClipEngine(Strict):
         min_length=1)
     temperature: float = restart("Softmax temperature on cosine similarities (CLIP uses 0.01).",
                                  default=0.01, gt=0)
-    prompts: PromptConfig = restart("Anomalous prompts and region scoring.",
+    prompts: PromptConfig = restart("Anomalous prompts. The region keys are not used here: the image "
+                                    "score is the map's peak and regions come from the threshold.",
                                     default_factory=lambda: PromptConfig(
                                         defects=["a defect", "a crack", "a scratch", "damage"],
                                         templates=["a photo of a {product} with {defect}"]))
@@ -334,7 +349,8 @@ class ClipEngine(Strict):
         from .prompts import check_template
 
         for t in self.normal_templates:
-            check_template(t)
+            check_template(t, defect=False)
+        check_recipes(self.prompts, self.recipes)
         return self
 
 

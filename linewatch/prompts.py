@@ -64,9 +64,10 @@ def _grey01(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim == 3:
         arr = arr.mean(axis=2) if arr.shape[2] > 1 else arr[..., 0]
+    dtype = np.asarray(image).dtype
     arr = arr.astype(np.float32)
-    if np.issubdtype(np.asarray(image).dtype, np.integer):
-        arr /= 255.0
+    if np.issubdtype(dtype, np.integer):  # the full range of its type (a 16-bit frame is not 255-based)
+        arr /= float(np.iinfo(dtype).max)
     step = max(1, int(round(max(arr.shape) / ANALYSIS_SIDE_PX)))
     return arr[::step, ::step]
 
@@ -76,7 +77,8 @@ def _bucket(value: float, cuts: tuple[float, float], words: tuple[str, str, str]
 
 
 def measure_tags(image: np.ndarray) -> ImageTags:
-    """Brightness, contrast, texture and dominant orientation of a uint8 (or 0..1 float) image.
+    """Brightness, contrast, texture and dominant orientation of an integer (scaled by its type's
+    maximum: uint8 by 255, uint16 by 65535) or 0..1 float image.
 
     Texture is the mean gradient magnitude; orientation comes from the structure tensor: with
     coherence above ``ORIENTATION_COHERENCE`` the stripes are called ``horizontal`` or
@@ -86,7 +88,8 @@ def measure_tags(image: np.ndarray) -> ImageTags:
     mean, std = float(g.mean()), float(g.std())
     if min(g.shape) < 3:
         return ImageTags(_bucket(mean, BRIGHTNESS_CUTS, ("dark", "medium", "bright")),
-                         "low", "smooth", "uniform", mean, std, 0.0, 0.0)
+                         _bucket(std, CONTRAST_CUTS, ("low contrast", "medium contrast", "high contrast")),
+                         "smooth", "uniform", mean, std, 0.0, 0.0)
     gy, gx = np.gradient(g)
     grad = float(np.hypot(gx, gy).mean())
     jxx, jyy, jxy = float((gx * gx).mean()), float((gy * gy).mean()), float((gx * gy).mean())
@@ -106,16 +109,30 @@ def measure_tags(image: np.ndarray) -> ImageTags:
         orientation=orientation, mean=mean, std=std, gradient=grad, coherence=coherence)
 
 
-def check_template(template: str) -> str:
-    """Validate one template; returns it or raises PromptTemplateError naming the problem."""
+def check_template(template: str, defect: bool = True) -> str:
+    """Validate one template; returns it or raises PromptTemplateError naming the problem.
+
+    Placeholders are plain names from ``PLACEHOLDERS`` (no format spec or conversion: "{defect:d}"
+    would fail on every frame). The template must keep words on every frame whatever its tags
+    measure: words of its own, or ``{defect}`` when ``defect`` (a defect phrase is never empty);
+    "{orientation} {material}" would be an empty sentence on a plain frame."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise PromptTemplateError(f"prompt template {template!r}: {exc}") from None
+    names = [f for _, f, _, _ in parts if f is not None]
     unknown = [n for n in names if n not in PLACEHOLDERS]
     if unknown:
         raise PromptTemplateError(f"prompt template {template!r}: unknown placeholder(s) "
                                   f"{unknown}; allowed: {list(PLACEHOLDERS)}")
+    fancy = [f for _, f, spec, conv in parts if f is not None and (spec or conv)]
+    if fancy:
+        raise PromptTemplateError(f"prompt template {template!r}: placeholder(s) {fancy} carry a format "
+                                  f"spec or conversion (':' or '!'); write them plainly, e.g. {{defect}}")
+    if not any(lit.strip() for lit, _, _, _ in parts) and not (defect and "defect" in names):
+        need = "words of its own or {defect}" if defect else "words of its own"
+        raise PromptTemplateError(f"prompt template {template!r} can come out empty (tags and material "
+                                  f"may be empty on a frame): give it {need}")
     return template
 
 

@@ -70,3 +70,43 @@ def test_size_filter_and_score_is_sum_of_confidence_times_mask_share():
     assert score_regions(mask, prob, 0.005, max_region_fraction=0.05).shares == [1.0]
     empty = score_regions(np.zeros((8, 8), bool), np.zeros((8, 8), np.float32), 0.01)
     assert empty.score == 0.0 and empty.regions == [] and not empty.mask.any()
+
+
+@pytest.mark.parametrize("template, why", [
+    ("{defect:d} on the {product}", "format spec"),
+    ("{defect!x} on the {product}", "format spec"),
+    ("{product:{texture}} with {defect}", "format spec"),
+    ("{orientation} {material}", "can come out empty"),
+])
+def test_templates_that_would_fail_or_vanish_on_a_frame_are_refused(template, why):
+    """Refused with the config, not on every frame: a format spec raises in compose(), and a
+    template of tags only renders empty on a plain frame (no sentence: the batch faulted)."""
+    with pytest.raises(PromptTemplateError, match=why):
+        check_template(template)
+    with pytest.raises(ValidationError, match=why):
+        Config.model_validate({"engine": {"kind": "dqformer", "prompts": {"templates": [template]}}})
+    assert check_template("{defect}") == "{defect}"
+    with pytest.raises(ValidationError, match="can come out empty"):  # CLIP's normal prompts have no defect
+        Config.model_validate({"engine": {"kind": "clip", "normal_templates": ["{texture} {product}"]}})
+    with pytest.raises(ValidationError, match="blank"):
+        PromptConfig(defects=["a crack", " "])
+
+
+def test_a_recipe_override_is_checked_with_the_config():
+    """An override that makes its recipe's prompt settings invalid is a config error naming the
+    recipe (it used to pass check-config and fault every batch of that recipe's frames)."""
+    for kind in ("dqformer", "clip"):
+        with pytest.raises(ValidationError, match="recipes.tile_a"):
+            Config.model_validate({"engine": {"kind": kind, "recipes": {"tile_a": {"min_region_fraction": 0.9}}}})
+        with pytest.raises(ValidationError, match="recipes.tile_a.*colour"):
+            Config.model_validate({"engine": {"kind": kind, "recipes": {
+                "tile_a": {"templates": ["{defect} on the {colour} {product}"]}}}})
+    cfg = Config.model_validate({"engine": {"kind": "dqformer", "recipes": {"tile_a": {"product": "tile"}}}})
+    assert cfg.engine.recipes["tile_a"].product == "tile"
+
+
+def test_tags_of_16_bit_and_strip_frames():
+    dark = np.full((64, 64), 40, np.uint8)
+    assert measure_tags(dark.astype(np.uint16) * 257).brightness == measure_tags(dark).brightness == "dark"
+    strip = np.random.default_rng(0).integers(0, 255, (2, 4096), np.uint8)  # a line-scan strip
+    assert measure_tags(strip).contrast == "high contrast"
