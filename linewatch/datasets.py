@@ -26,6 +26,13 @@ IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 GOOD_KINDS = {"free", "good", "ok", "normal"}
 
 
+def image_key(path: Path | str) -> tuple[str, str]:
+    """How a training image is recognised in an evaluated data set: its folder and file name (the
+    data set may be a copy in another place; within every supported layout the pair is unique)."""
+    p = Path(path)
+    return p.parent.name, p.name
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One image with its ground truth. ``mask`` is None for a defect-free image or no GT."""

@@ -189,20 +189,13 @@ class ContaminatingSelector:
         return chosen
 
 
-def image_key(path: Path | str) -> tuple[str, str]:
-    """How a training image is recognised in an evaluated data set: its folder and file name (the
-    data set may be a copy in another place; within every supported layout the pair is unique)."""
-    p = Path(path)
-    return p.parent.name, p.name
-
-
 def dqformer_training_images(checkpoint: Path) -> set[tuple[str, str]] | None:
-    """The ``image_key`` of every image a DQFormer checkpoint was trained on, from the list
+    """The ``datasets.image_key`` of every image a DQFormer checkpoint was trained on, from the list
     `linewatch train dqformer` records in it; None for a checkpoint without that list (written
     before it was recorded): its training images cannot be told apart."""
     blob = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
     paths = blob.get("train_images") if isinstance(blob, dict) else None
-    return None if paths is None else {image_key(p) for p in paths}
+    return None if paths is None else {ds.image_key(p) for p in paths}
 
 
 def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_size: int = 4,
@@ -331,7 +324,7 @@ def evaluate(lots: list[list[ds.Sample]], methods: list[str], engine_cfg, batch_
     if dq is not None:
         dq.close()
         if dq_train is not None:  # its training frames never count, in any table
-            held = [i for i, s in enumerate(order) if image_key(s.image) not in dq_train]
+            held = [i for i, s in enumerate(order) if ds.image_key(s.image) not in dq_train]
             kinds_held = {bool(s.defective) for s in (order[i] for i in held)}
             if kinds_held != {False, True} or not any(masks[i].any() for i in held):
                 raise ValueError(f"the DQFormer checkpoint's held-out frames ({len(held)} of {len(order)}, the "

@@ -285,20 +285,23 @@ def segmentation_metrics(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray],
     """Referring-segmentation figures over bool mask pairs: mIoU (mean of per-image IoU; an image
     where both masks are empty has IoU 1), overall IoU (summed intersections / summed unions) and
     precision@t (share of images with IoU >= t, keys ``prec@0.5`` etc.)."""
-    ious, inter_sum, union_sum = [], 0, 0
+    pairs = []
     for p, g in zip(preds, gts):
         p, g = np.asarray(p, dtype=bool), np.asarray(g, dtype=bool)
         if p.shape != g.shape:
             raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
-        inter = int(np.logical_and(p, g).sum())
-        union = int(np.logical_or(p, g).sum())
-        inter_sum += inter
-        union_sum += union
-        ious.append(1.0 if union == 0 else inter / union)
-    if not ious:
+        pairs.append((int(np.logical_and(p, g).sum()), int(np.logical_or(p, g).sum())))
+    return iou_summary(pairs, thresholds)
+
+
+def iou_summary(pairs: Sequence[tuple[int, int]], thresholds: Sequence[float] = (0.5, 0.7, 0.9)) -> dict[str, float]:
+    """mIoU, overall IoU and precision@t (IoU >= t) from per-image (intersection, union) pixel
+    counts; a pair with union 0 (both masks empty) has IoU 1."""
+    if not pairs:
         raise ValueError("no masks given")
-    arr = np.asarray(ious)
-    out = {"miou": float(arr.mean()), "oiou": float(inter_sum / union_sum) if union_sum else 1.0}
+    arr = np.asarray([i / u if u else 1.0 for i, u in pairs])
+    union_sum = sum(u for _, u in pairs)
+    out = {"miou": float(arr.mean()), "oiou": float(sum(i for i, _ in pairs) / union_sum) if union_sum else 1.0}
     for t in thresholds:
         out[f"prec@{t:g}"] = float((arr >= t).mean())
     return out

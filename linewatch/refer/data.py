@@ -308,6 +308,12 @@ class ReferItem:
     path: str
     present: tuple[str, ...] = ()  # every defect kind in the image (negatives must name none of them)
 
+    @property
+    def whole(self) -> bool:
+        """The mask holds every defect of the image (not one kind's share of a frame with several):
+        only then is it the target of the universal prompt."""
+        return len(self.present) <= 1
+
 
 def load_items(doc: dict, split: str, image_hw: tuple[int, int]) -> list[ReferItem]:
     """Load and resize every sample of ``split`` into memory."""
@@ -329,11 +335,13 @@ def pick_sentence(item: ReferItem, rng: random.Random, kinds: dict[str, list[str
                   ) -> tuple[str, bool]:
     """A training sentence for ``item`` and whether the target stays (False = empty target).
 
-    With ``universal_prob`` a universal prompt (target kept); with ``negative_prob`` a sentence of
-    another kind (target emptied: the defect asked for is not there); else one of its own.
+    With ``universal_prob`` a universal prompt (target kept; only on a sample whose mask is the
+    image's whole defect area: one kind's share of a frame with several kinds would teach "any
+    defect" to miss the others); with ``negative_prob`` a sentence of another kind (target
+    emptied: the defect asked for is not there); else one of its own.
     """
     r = rng.random()
-    if item.kind != "good" and r < universal_prob:
+    if item.kind != "good" and item.whole and r < universal_prob:
         return rng.choice(universal), True
     # a sample whose kind has no sentence list (e.g. "mixed") may hold any kind: no negatives
     others = ([k for k in kinds if k != item.kind and k not in item.present]

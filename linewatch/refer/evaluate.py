@@ -2,10 +2,15 @@
 
 For every defective test image three sentences are run: its own kind-specific sentence (the
 first of its list), the universal prompt ("any defect"), and a wrong-kind sentence (the first
-sentence of the next kind in sorted order). Reported, each at the model's input size:
+sentence of the next kind in sorted order that is not in the image). The universal prompt is
+scored on the samples whose mask is the image's whole defect area (a synthetic frame with two
+kinds has a sample per kind, each with its kind's share, and a "mixed" sample with all of it);
+the kind sentence on the samples of one kind (not "mixed"). Reported, each at the model's input
+size:
 
 - ``miou``: mean per-image IoU; ``oiou``: overall IoU (sum of intersections / sum of unions);
-- ``prec@0.5/0.7/0.9``: share of images whose IoU exceeds the threshold;
+- ``prec@0.5/0.7/0.9``: share of images whose IoU reaches the threshold (IoU >= t, as
+  ``linewatch.metrics``);
 - ``wrong_kind``: the same with the wrong-kind sentence, and ``iou_drop`` = miou(kind) -
   miou(wrong); a model that ignores language has a drop near 0;
 - on defect-free test images with the universal prompt: ``good_fp_rate`` (share with any
@@ -27,6 +32,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..datasets import image_key
+from ..metrics import iou_summary
 from ..models.backbone import preprocess
 from ..models.dqformer import ANOMALY, DQFormer
 from ..models.text import TextEncoder
@@ -43,24 +50,25 @@ def iou_stats(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
 
 
 def summarize(pairs: list[tuple[int, int]]) -> dict[str, float]:
-    """mIoU, overall IoU and precision@k from (intersection, union) pairs (union 0 -> IoU 1)."""
+    """mIoU, overall IoU and precision@k from (intersection, union) pairs (union 0 -> IoU 1), as
+    ``linewatch.metrics`` computes them, with the count ``n``."""
     if not pairs:
         return {"n": 0}
-    ious = np.array([i / u if u else 1.0 for i, u in pairs])
-    inter = sum(i for i, _ in pairs)
-    union = sum(u for _, u in pairs)
-    out = {"n": len(pairs), "miou": float(ious.mean()), "oiou": float(inter / union) if union else 1.0}
-    for t in PREC_THRESHOLDS:
-        out[f"prec@{t}"] = float((ious > t).mean())
-    return out
+    return {"n": len(pairs), **iou_summary(pairs, PREC_THRESHOLDS)}
 
 
-def wrong_sentence(kind: str, kinds: dict[str, list[str]]) -> str | None:
-    """First sentence of the next kind after ``kind`` in sorted order (None with one kind)."""
+def wrong_sentence(kind: str, kinds: dict[str, list[str]], present: tuple[str, ...] = ()) -> str | None:
+    """First sentence of the next kind after ``kind`` in sorted order that is not among the
+    image's ``present`` kinds (None when there is none)."""
     names = sorted(k for k in kinds if kinds[k])
-    if kind not in names or len(names) < 2:
+    if kind not in names:
         return None
-    return kinds[names[(names.index(kind) + 1) % len(names)]][0]
+    at = names.index(kind)
+    for step in range(1, len(names)):
+        other = names[(at + step) % len(names)]
+        if other not in present:
+            return kinds[other][0]
+    return None
 
 
 @torch.no_grad()
@@ -87,16 +95,20 @@ def evaluate(model: DQFormer, text: TextEncoder, items: list[rdata.ReferItem],
     bad = [it for it in items if it.kind != "good" and it.mask.any()]
     good = [it for it in items if it.kind == "good" or not it.mask.any()]
     res: dict = {}
+    whole = [it for it in bad if it.whole]
+    if whole:
+        uni_pred = predict_masks(model, text, [it.image for it in whole], [universal_prompt] * len(whole), device,
+                                 batch_size)
+        res["universal"] = summarize([iou_stats(p, it.mask) for p, it in zip(uni_pred, whole)])
+    bad = [it for it in bad if it.kind != "mixed"]  # a mixed sample's own sentence is the universal prompt
     if bad:
-        imgs = [it.image for it in bad]
-        kind_pred = predict_masks(model, text, imgs, [it.sentences[0] for it in bad], device, batch_size)
-        uni_pred = predict_masks(model, text, imgs, [universal_prompt] * len(bad), device, batch_size)
+        kind_pred = predict_masks(model, text, [it.image for it in bad], [it.sentences[0] for it in bad], device,
+                                  batch_size)
         k_pairs = [iou_stats(p, it.mask) for p, it in zip(kind_pred, bad)]
         res["kind"] = summarize(k_pairs)
-        res["universal"] = summarize([iou_stats(p, it.mask) for p, it in zip(uni_pred, bad)])
         res["per_kind"] = {k: summarize([pr for pr, it in zip(k_pairs, bad) if it.kind == k])["miou"]
                            for k in sorted({it.kind for it in bad})}
-        wrong = [(i, wrong_sentence(it.kind, kinds)) for i, it in enumerate(bad)]
+        wrong = [(i, wrong_sentence(it.kind, kinds, it.present)) for i, it in enumerate(bad)]
         wrong = [(i, s) for i, s in wrong if s]
         if wrong:
             w_pred = predict_masks(model, text, [bad[i].image for i, _ in wrong], [s for _, s in wrong],
@@ -184,6 +196,15 @@ def run(args: argparse.Namespace) -> int:
     items = rdata.load_items(doc, args.split, model.config.image_hw)
     if not items:
         raise rdata.ReferDataError(f"the {args.split} split of {args.data} is empty: nothing to evaluate")
+    trained = blob.get("train_images")
+    if trained is not None and args.split != "train":  # another seed or split settings than training's
+        seen = {image_key(p) for p in trained}
+        leaked = [it.path for it in items if image_key(it.path) in seen]
+        if leaked:
+            print(f"linewatch: {len(leaked)} of the {len(items)} {args.split} images of {args.data} are among "
+                  f"the {len(seen)} images {args.ckpt} was trained on (e.g. {leaked[0]}): the figures would "
+                  f"count training images; evaluate the split it was trained with", file=sys.stderr)
+            return 2
     text = TextEncoder(max_tokens=model.config.max_tokens)
     net, device = model, args.device
     if backend != "torch":

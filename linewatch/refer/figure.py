@@ -43,12 +43,13 @@ def sentence_figure(model: DQFormer, text: TextEncoder, items: list[rdata.ReferI
 
     picks: list[rdata.ReferItem] = []
     for k in sorted({it.kind for it in items if it.kind in kinds}):
-        picks += [it for it in items if it.kind == k and it.mask.any()][:per_kind]
-    picks = [it for it in picks if wrong_sentence(it.kind, kinds)]
+        # one-kind images: the universal prompt's panel is scored against the whole defect area
+        picks += [it for it in items if it.kind == k and it.mask.any() and it.whole][:per_kind]
+    picks = [it for it in picks if wrong_sentence(it.kind, kinds, it.present)]
     if not picks:
         raise ValueError("no defective held-out items with a wrong-kind sentence to draw")
     sents = {"own": [it.sentences[0] for it in picks],
-             "wrong": [wrong_sentence(it.kind, kinds) for it in picks],
+             "wrong": [wrong_sentence(it.kind, kinds, it.present) for it in picks],
              "universal": [UNIVERSAL_EVAL_PROMPT] * len(picks)}
     imgs = [it.image for it in picks]
     preds = {k: predict_masks(model, text, imgs, s, torch.device(device)) for k, s in sents.items()}

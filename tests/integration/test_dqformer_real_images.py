@@ -263,6 +263,25 @@ def test_eval_refuses_a_split_that_would_test_on_training_images(tiny_ckpt, caps
     assert "split of seed 0" in capsys.readouterr().err
 
 
+def test_eval_refuses_a_data_file_whose_test_split_holds_training_images(tiny_ckpt, tmp_path, capsys):
+    """A JSON built with another seed or split settings (or edited) can put the checkpoint's own
+    training images in its test split; the checkpoint lists them, so eval refuses."""
+    import argparse
+    import json
+
+    from linewatch.refer import data as rdata
+    from linewatch.refer import evaluate as rev
+
+    doc = rdata.build_magnetic_tile(MT, seed=0, n_free=4)
+    moved = [{**s, "split": "test"} for s in doc["samples"] if s["split"] == "train" and s["kind"] == "blowhole"][:3]
+    path = tmp_path / "leaky.json"
+    path.write_text(json.dumps({**doc, "samples": moved}))
+    args = argparse.Namespace(ckpt=tiny_ckpt, data=str(path), split="test", seed=None, device="cpu",
+                              batch_size=4, json_out=None, iap_template=None, figure=None)
+    assert rev.run(args) == 2
+    assert "3 of the 3 test images" in capsys.readouterr().err
+
+
 def test_eval_through_the_onnxruntime_backend_gives_the_torch_figures(tiny_ckpt, tmp_path, capsys):
     """``linewatch train eval --backend onnxruntime`` measures the exported graph the daemon would
     run; on the held-out split its figures equal the torch model's."""

@@ -13,6 +13,7 @@ import torch
 from linewatch.models.dqformer import (ANOMALY, DQFormer, DQFormerConfig, anomaly_probability,
                                        dqformer_loss, load_checkpoint, predict_mask, save_checkpoint)
 from linewatch.refer import data as rdata
+from linewatch.metrics import segmentation_metrics
 from linewatch.refer.evaluate import summarize, wrong_sentence
 from linewatch.refer.train import parse_hw
 
@@ -144,8 +145,30 @@ def test_metrics_summary():
     s = summarize([(5, 10), (9, 10), (0, 0)])  # IoU 0.5, 0.9, 1.0 (both empty)
     assert s["miou"] == pytest.approx(0.8)
     assert s["oiou"] == pytest.approx(14 / 20)
-    assert s["prec@0.5"] == pytest.approx(2 / 3)  # strictly above 0.5
-    assert s["prec@0.9"] == pytest.approx(1 / 3)
+    assert s["prec@0.5"] == pytest.approx(1.0)  # IoU >= 0.5, as linewatch.metrics counts it
+    assert s["prec@0.9"] == pytest.approx(2 / 3)
+    masks = [(np.arange(10) < 5, np.arange(10) < 10), (np.arange(10) < 9, np.arange(10) < 10)]
+    m = segmentation_metrics([p for p, _ in masks], [g for _, g in masks])
+    assert summarize([(5, 10), (9, 10)]) == {"n": 2, **m}  # one definition of the figures
+
+
+def test_wrong_sentence_never_names_a_kind_in_the_image():
+    kinds = {"crack": ["a crack"], "blowhole": ["a blowhole"], "fray": ["a fray"]}
+    assert wrong_sentence("blowhole", kinds, present=("blowhole", "crack")) == "a fray"
+    assert wrong_sentence("blowhole", kinds, present=("blowhole", "crack", "fray")) is None
+
+
+def test_the_universal_prompt_is_trained_only_on_a_whole_defect_area():
+    """A frame with a crack and a fray gives a crack sample whose mask holds the crack only:
+    "any defect" on it would teach the model to miss the fray (its "mixed" sample, with the whole
+    mask, teaches the universal prompt)."""
+    part = rdata.ReferItem(np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), bool), ["a crack"], "crack", "x",
+                           present=("crack", "fray"))
+    rng = random.Random(0)
+    picks = [rdata.pick_sentence(part, rng, {"crack": ["a crack"], "fray": ["a fray"]}, ["any defect"], 0.5, 0.0)
+             for _ in range(500)]
+    assert not any(s == "any defect" for s, _ in picks)
+    assert not part.whole and rdata.ReferItem(part.image, part.mask, ["a crack"], "crack", "x", ("crack",)).whole
 
 
 def test_wrong_sentence_picks_another_kind():
