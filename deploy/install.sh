@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install linewatch as a systemd service on an edge box (run as root from the repository).
-# GPU boxes: set EXTRAS=gpu,postgres to add TensorRT and pycuda.
+# Extras: postgres (the PostgreSQL driver) and text (the MiniLM sentence encoder the dqformer
+# engine needs); GPU boxes: set EXTRAS=gpu,postgres,text to add TensorRT and pycuda.
 set -euo pipefail
-EXTRAS=${EXTRAS:-postgres}
+EXTRAS=${EXTRAS:-postgres,text}
 PREFIX=/opt/linewatch
 id linewatch >/dev/null 2>&1 || useradd --system --home /var/lib/linewatch --shell /usr/sbin/nologin linewatch
 install -d -o linewatch -g linewatch /var/lib/linewatch

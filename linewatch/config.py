@@ -457,8 +457,9 @@ class ThresholdConfig(Strict):
     value: float = live("Image-score threshold for mode=fixed (also the pixel threshold).", default=1.0)
     k_mad: float = live("Robust z for mode=calibrated.", default=4.0, gt=0)
     window: int = live("How many recent image scores calibrate the threshold.", default=128, ge=8)
-    min_scores: int = live("Until this many scores are seen, the previous lot's threshold is used; "
-                           "with none, frames are NG only above `value`.", default=8, ge=1)
+    min_scores: int = live("Until this many scores are in the window, the last calibrated threshold "
+                           "is used; before the first calibration frames go out NOT_INSPECTED "
+                           "('threshold calibrating', with their score).", default=8, ge=1)
     min_region_px: int = live("Regions smaller than this many pixels are ignored.", default=16, ge=0)
 
     @model_validator(mode="after")

@@ -191,15 +191,22 @@ class Publisher:
         self.cpu_s += time.thread_time() - c0
 
     def _emit(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:
+        png = None
+        if payload is not None:
+            try:
+                png = encode_png(payload)
+            except Exception as exc:  # noqa: BLE001 - the verdict still goes out, without its map
+                self.failed += 1
+                logger.exception("could not encode the %s payload; the header is sent without it", kind)
+                header["payload_error"] = f"{type(exc).__name__}: {exc}"
         with self._drop_lock:
             gap, self._gap = self._gap, 0
         self.seq += 1 + gap
-        header["seq"] = self.seq
-        header["t_publish"] = time.time()
+        header = {"v": WIRE_VERSION, **header, "seq": self.seq, "t_publish": time.time()}
         parts = [topic(self.line, kind)]
-        if payload is not None:
+        if png is not None:
             header["payload"] = "png-mask" if payload.dtype == bool else "png-score"
-            parts += [json.dumps(header).encode(), encode_png(payload)]
+            parts += [json.dumps(header).encode(), png]
         else:
             parts.append(json.dumps(header).encode())
         try:

@@ -134,8 +134,9 @@ def _write_lot(conn: Connection, rec: dict[str, Any]) -> None:
     else:
         own = {k: rec[k] for k in COUNT_KEYS if k in rec}
     stmt = _insert(conn, lots).values(lot_id=rec["lot_id"], line=rec["line"], **own)
-    conn.execute(stmt.on_conflict_do_update(index_elements=["lot_id"], set_=own) if own
-                 else stmt.on_conflict_do_nothing(index_elements=["lot_id"]))
+    key = ["line", "lot_id"]
+    conn.execute(stmt.on_conflict_do_update(index_elements=key, set_=own) if own
+                 else stmt.on_conflict_do_nothing(index_elements=key))
 
 
 def _write_model(conn: Connection, rec: dict[str, Any], cache: ModelCache) -> None:

@@ -12,7 +12,7 @@ the migrated database against this metadata so the two cannot drift.
 from __future__ import annotations
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, ForeignKey, Index, Integer,
-                        MetaData, SmallInteger, String, Table, Text, UniqueConstraint)
+                        MetaData, PrimaryKeyConstraint, SmallInteger, String, Table, Text, UniqueConstraint)
 
 # Named constraints so later migrations (and SQLite batch mode) can refer to them.
 NAMING = {
@@ -41,7 +41,7 @@ model_versions = Table(
 
 lots = Table(
     "lots", metadata,
-    Column("lot_id", String(128), primary_key=True),
+    Column("lot_id", String(128), nullable=False),
     Column("line", String(64), nullable=False),
     Column("recipe", String(128), nullable=False, server_default=""),
     Column("opened_at", DateTime(timezone=True), nullable=True),
@@ -53,6 +53,7 @@ lots = Table(
     Column("n_ng", Integer, nullable=True),
     Column("n_not_inspected", Integer, nullable=True),
     Column("n_fault", Integer, nullable=True),
+    PrimaryKeyConstraint("line", "lot_id"),  # lot ids are per line (revision 0003)
     Index(None, "opened_at"),
 )
 

@@ -37,6 +37,13 @@ def test_a_bad_heartbeat_or_payload_is_counted_and_publishing_goes_on(tmp_path):
         assert any(h.get("n") == 2 for h in got), got
         assert any(h["kind"] == "heartbeat" for h in got)  # heartbeats after the failed one
         assert pub.failed == 2 and pub.dropped == 0
+        # the frame whose map could not be encoded still went out, without its payload
+        bad = [h for h in got if h.get("n") == 1]
+        assert len(bad) == 1 and "payload" not in bad[0] and "TypeError" in bad[0]["payload_error"]
+        seqs = [h["seq"] for h in got]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap: nothing was lost
+        # every header, heartbeats included, carries the wire version
+        assert {h["v"] for h in got} == {1} and all(list(h)[0] == "v" for h in got)
     finally:
         pub.stop(2.0)
         sub.close(linger=0)

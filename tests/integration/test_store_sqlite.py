@@ -363,3 +363,44 @@ def test_rows_older_than_the_retention_are_deleted_with_their_regions(tmp_path: 
 
     with create_engine(w.cfg.url).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM regions")).scalar() == 3  # none left behind
+
+
+def test_two_lines_may_use_the_same_lot_id(tmp_path: Path) -> None:
+    """Lot ids are per line (a PLC numbers its own lots): two lines writing lot L0142 into one
+    database keep two rows; the second no longer overwrites the first's times, recipe and counts."""
+    writers = [StoreWriter(_cfg(tmp_path, spool_dir=tmp_path / f"spool-{line}"), line) for line in ("lineA", "lineB")]
+    for w, recipe, t in zip(writers, ("bracket", "housing"), (T0, T0 + 500)):
+        w.start()
+        w.submit_lot_event(LotEvent(LotEventKind.OPENED, "L0142", recipe, "control", t))
+        w.submit_lot_event(LotEvent(LotEventKind.CLOSED, "L0142", recipe, "control_end", t + 60, n_frames=3))
+        w.submit_lot_summary("L0142", {"n_ok": 3, "n_ng": 0, "n_not_inspected": 0, "n_fault": 0})
+    for w in writers:
+        assert w.stop(10)
+    rows = {r["line"]: r for r in fetch_lots(writers[0].cfg.url)}
+    assert sorted(rows) == ["lineA", "lineB"]
+    assert (rows["lineA"]["recipe"], rows["lineA"]["opened_at"]) == ("bracket", pytest.approx(T0))
+    assert (rows["lineB"]["recipe"], rows["lineB"]["opened_at"]) == ("housing", pytest.approx(T0 + 500))
+
+
+def test_the_lots_key_migration_keeps_existing_rows(tmp_path: Path) -> None:
+    """A database at revision 0002 (lots keyed by lot id alone) upgrades in place: its rows stay,
+    and the key becomes (line, lot_id)."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from linewatch.store.db import alembic_config
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002_results_key_t_capture")
+            conn.execute(text("INSERT INTO lots (lot_id, line, recipe) VALUES ('L1', 'lineA', 'r')"))
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT lot_id, line, recipe FROM lots")).all() == [("L1", "lineA", "r")]
+            assert inspect(conn).get_pk_constraint("lots")["constrained_columns"] == ["line", "lot_id"]
+    finally:
+        engine.dispose()

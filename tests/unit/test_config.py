@@ -26,6 +26,15 @@ def test_shipped_config_is_valid_and_is_the_generated_one():
         "config.toml differs from the models: run `python -m linewatch.configdoc > config.toml`"
 
 
+@pytest.mark.parametrize("name", ["config.small-cpu.toml", "config.postgres.toml"])
+def test_deploy_example_configs_are_valid(name):
+    """The examples the README points to (the GenICam one needs its vendor producer: tested with
+    the simulated one in tests/integration/test_genicam_source.py)."""
+    cfg = cfgmod.load(ROOT / "deploy" / name)
+    if name == "config.postgres.toml":
+        assert cfg.store.url.startswith("postgresql+psycopg://")
+
+
 def test_wrong_type_names_file_line_key_and_value(tmp_path):
     p = write(tmp_path, '[ring]\nslots = "many"\n')
     with pytest.raises(cfgmod.ConfigError) as ei:
