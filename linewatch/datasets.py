@@ -28,7 +28,9 @@ GOOD_KINDS = {"free", "good", "ok", "normal"}
 
 def image_key(path: Path | str) -> tuple[str, str]:
     """How a training image is recognised in an evaluated data set: its folder and file name (the
-    data set may be a copy in another place; within every supported layout the pair is unique)."""
+    data set may be a copy in another place). Unique within magnetic_tile, KolektorSDD and the
+    synthetic line; across MVTec categories (``test/good/000.png`` in each) it is not, so frames
+    of another category with a training image's name are left out too (never a leak, fewer frames)."""
     p = Path(path)
     return p.parent.name, p.name
 
@@ -48,17 +50,45 @@ class Sample:
         return self.kind != "good"
 
 
+MASK_SUFFIXES = ("_mask", "_label")  # <stem>_mask.png (these data sets), <stem>_label.bmp (KolektorSDD's own)
+
+
 def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXT and not p.stem.endswith("_mask")
+    """An image file that is not a mask: ``<stem>_mask.*`` never is one, in any letter case, nor
+    is ``<stem>_label.*`` beside its image ``<stem>.*``."""
+    if p.suffix.lower() not in IMAGE_EXT:
+        return False
+    stem = p.stem.lower()
+    if stem.endswith("_mask"):
+        return False
+    if stem.endswith("_label"):
+        base = p.stem[:-len("_label")]
+        return not any(q.suffix.lower() in IMAGE_EXT for q in p.parent.glob(base + ".*") if q != p)
+    return True
 
 
-def _natural_key(p: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+def find_mask(image: Path) -> Path | None:
+    """The mask file beside ``image``: ``<stem>_mask`` or ``<stem>_label`` with any image
+    extension, in any letter case (so a Linux box finds ``Part1_mask.PNG`` as Windows would);
+    ``<stem>_mask.png`` first. None when there is none."""
+    exact = image.with_name(image.stem + "_mask.png")
+    if exact.is_file():
+        return exact
+    want = {(image.stem + suffix).lower() for suffix in MASK_SUFFIXES}
+    found = sorted(p for p in image.parent.iterdir()
+                   if p.suffix.lower() in IMAGE_EXT and p.stem.lower() in want and p.is_file())
+    return found[0] if found else None
+
+
+def _natural_key(p: Path) -> tuple:
+    """Natural order (``img2`` before ``img10``), ties (``img01``, ``img1``) broken by the name
+    itself, so the order never depends on the file system's listing order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))], str(p)
 
 
 def detect_layout(root: Path) -> str:
     root = Path(root)
-    subdirs = [d for d in root.iterdir() if d.is_dir()]
+    subdirs = sorted((d for d in root.iterdir() if d.is_dir()), key=_natural_key)
     if any(_is_image(p) for p in root.iterdir() if p.is_file()):
         # images at the top: a flat folder, whatever its subfolders hold (a rejects/ folder of a
         # recording must not turn it into a layout that leaves the top-level images out)
@@ -85,16 +115,16 @@ def list_samples(root: Path | str, layout: str = "auto") -> list[Sample]:
     if layout == "kolektor":
         for item in sorted((d for d in root.iterdir() if d.is_dir()), key=_natural_key):
             for img in sorted(filter(_is_image, item.iterdir()), key=_natural_key):
-                m = img.with_name(img.stem + "_mask.png")
-                defective = m.exists() and _mask_nonzero(m)
+                m = find_mask(img)
+                defective = m is not None and _mask_nonzero(m)
                 out.append(Sample(img, m if defective else None, "defect" if defective else "good",
                                   item.name, True))
     elif layout == "kinds":
         for kd in sorted((d for d in root.iterdir() if d.is_dir()), key=_natural_key):
             good = kd.name.lower() in GOOD_KINDS
             for img in sorted(filter(_is_image, kd.iterdir()), key=_natural_key):
-                m = img.with_name(img.stem + "_mask.png")
-                has_mask = m.exists() and not good
+                m = find_mask(img)
+                has_mask = m is not None and not good
                 out.append(Sample(img, m if has_mask else None, "good" if good else kd.name,
                                   root.name, True))
     elif layout == "mvtec":
@@ -116,9 +146,27 @@ def list_samples(root: Path | str, layout: str = "auto") -> list[Sample]:
     return out
 
 
+def mask_pixels(im: Image.Image) -> np.ndarray:
+    """The marked pixels of a mask image, bool H x W. A mask of 0/1 values (8- or 16-bit, or a
+    palette whose index 1 marks) is marked where it is not 0; any other where it is above half
+    its type's range (0/255 masks, with JPEG noise or smoothed edges; 16-bit 0/65535). A colour
+    mask counts its brightest channel, so a pure red mark is marked."""
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
+    if arr.dtype == bool:
+        return arr.copy()
+    peak = int(arr.max()) if arr.size else 0
+    if peak <= 1:
+        return arr > 0
+    full = 65535 if arr.dtype.itemsize >= 2 and peak > 255 else 255
+    return arr > full / 2
+
+
 def _mask_nonzero(path: Path) -> bool:
+    """Whether the mask marks any pixel, by the rule the ground truth is read with (``load_mask``)."""
     with Image.open(path) as im:
-        return bool(np.asarray(im.convert("L")).any())
+        return bool(mask_pixels(im).any())
 
 
 def group_lots(samples: list[Sample], mode: str = "group", lot_size: int = 32,
@@ -195,7 +243,7 @@ def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     if path is None:
         return np.zeros(shape, dtype=bool)
     with Image.open(path) as im:
-        m = np.asarray(im.convert("L")) > 127
+        m = mask_pixels(im)
     if m.shape != tuple(shape):
         raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, its image {shape[1]}x{shape[0]}")
     return m

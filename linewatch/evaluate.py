@@ -110,8 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="auto", choices=["auto", "kolektor", "kinds", "mvtec"],
                         help="data layout (default: detect)")
     parser.add_argument("--lots", default="group", choices=["group", "size", "magnetic"],
-                        help="group = one lot per natural group (a kolektor item); size = consecutive "
-                             "lots of --lot-size; magnetic = lots of --lot-size with ~10%% defective")
+                        help="group = one lot per natural group (a kolektor item); size = lots of "
+                             "--lot-size, in a fixed shuffled order (--seed; --seed -1 keeps the data "
+                             "set's order); magnetic = lots of --lot-size with ~10%% defective")
     parser.add_argument("--lot-size", type=int, default=32, help="frames per lot for size/magnetic")
     parser.add_argument("--seed", type=int, default=0,
                         help="shuffle seed for size/magnetic lots and an MVTec category's frames")
@@ -134,7 +135,7 @@ def _lots(args, samples: list[ds.Sample], layout: str = "") -> list[list[ds.Samp
     if args.lots == "magnetic":
         return ds.magnetic_tile_lots(samples, lot_size=args.lot_size, seed=args.seed)
     if args.lots == "size":
-        return ds.group_lots(samples, "size", args.lot_size, shuffle_seed=args.seed)
+        return ds.group_lots(samples, "size", args.lot_size, shuffle_seed=None if args.seed < 0 else args.seed)
     # an MVTec category's lot is its test folder, kind after kind. Streamed in that order, a
     # frame's tier-1 references (the frames just before it) show the same kind of defect, which
     # hides it; its frames go in a fixed shuffled order. A KolektorSDD item keeps its own order.
@@ -482,7 +483,8 @@ def run(args) -> int:
     try:
         layout = ds.detect_layout(args.data) if args.layout == "auto" else args.layout
         samples = ds.list_samples(args.data, layout)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing folder, an unreadable or corrupt mask (PIL's
+        # UnidentifiedImageError is an OSError)
         print(f"cannot read data: {exc}")
         return 2
     categories = {}
@@ -517,6 +519,11 @@ def run(args) -> int:
             return 2
     out = args.out or Path("reports") / Path(args.data).name
     per_category = {}
+    unreadable = _unreadable([s for lots in categories.values() for lot in lots for s in lot])
+    if unreadable:
+        print(f"cannot read data: {len(unreadable)} image(s) or mask(s) cannot be decoded or do not match, "
+              f"e.g. {unreadable[0]}; fix or remove them")
+        return 2
     for name, lots in categories.items():
         title = f"{args.data}" + (f" / {name}" if name else "")
         per_category[name] = _report(args, out / name if name else out, title, lots, methods, engine_cfg,
@@ -524,6 +531,20 @@ def run(args) -> int:
     if len(per_category) > 1 or "" not in per_category:
         rep.summary(out, args.data, per_category)
     return 0
+
+
+def _unreadable(samples: list[ds.Sample]) -> list[str]:
+    """What would stop the run part-way, found before any inference: an image or mask that does
+    not decode, or a mask of another size than its image (one line each, naming the file)."""
+    bad = []
+    for s in samples:
+        try:
+            img = ds.load_image(s.image, 1)
+            ds.load_mask(s.mask, img.shape[:2])
+        except (OSError, ValueError, SyntaxError) as exc:
+            bad.append(str(exc) if str(s.image) in str(exc) or (s.mask and str(s.mask) in str(exc))
+                       else f"{s.mask or s.image}: {exc}")
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,8 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="folder to write (created; must be empty or absent)")
     parser.add_argument("--config", "-c", type=Path, default=None,
                         help="take [source] (if synthetic) and [lots] part_count from this config")
-    parser.add_argument("--frames", type=int, default=256)
-    parser.add_argument("--lot-size", type=int, default=0, help="frames per lot (default: lots.part_count)")
+    parser.add_argument("--frames", type=_positive, default=256, help="frames to write (at least 1)")
+    parser.add_argument("--lot-size", type=_positive, default=None, help="frames per lot (default: lots.part_count)")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1 (0 frames would be the source's 'run forever')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         print(f"linewatch synth: {args.out} is not empty", file=sys.stderr)
         return 1
-    lot_size = args.lot_size or cfg.lots.part_count
+    lot_size = args.lot_size if args.lot_size is not None else cfg.lots.part_count
     counts = export(src, args.out, args.frames, lot_size)
     print(f"{args.out}: {counts['frames']} frames ({counts['defective']} defective) in {counts['lots']} lots "
           f"of {lot_size}; evaluate with: linewatch eval {args.out} --layout kolektor --lots group")
