@@ -76,3 +76,36 @@ class Threshold:
             # a floor on the spread so a line of identical scores does not flag noise
             self._last = med + cfg.k_mad * max(mad, 1e-6 + 0.02 * abs(med))
         return self._last
+
+
+class Thresholds:
+    """A :class:`Threshold` per recipe: one product's scores never calibrate another's threshold
+    (a product change on the line would otherwise judge the new parts by the old product's score
+    spread). ``reset`` forgets them all: after an engine restart scores are on another scale, and
+    a window of the old engine's scores let defective parts pass for dozens of frames (each
+    recipe calibrates again, its first ``min_scores`` frames NOT_INSPECTED). Up to ``MAX_RECIPES``
+    are kept, the least recently used forgotten beyond it."""
+
+    MAX_RECIPES = 64
+
+    def __init__(self, cfg: ThresholdConfig):
+        self.cfg = cfg
+        self._by_recipe: collections.OrderedDict[str, Threshold] = collections.OrderedDict()
+
+    def get(self, recipe: str) -> Threshold:
+        thr = self._by_recipe.get(recipe)
+        if thr is None:
+            thr = self._by_recipe[recipe] = Threshold(self.cfg)
+            while len(self._by_recipe) > self.MAX_RECIPES:
+                self._by_recipe.popitem(last=False)
+        else:
+            self._by_recipe.move_to_end(recipe)
+        return thr
+
+    def reconfigure(self, cfg: ThresholdConfig) -> None:
+        self.cfg = cfg
+        for thr in list(self._by_recipe.values()):
+            thr.reconfigure(cfg)
+
+    def reset(self) -> None:
+        self._by_recipe = collections.OrderedDict()

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .config import InspectConfig, ThresholdConfig
-from .decision import Threshold, regions_from_mask
+from .decision import Threshold, Thresholds, regions_from_mask
 from .engines.base import Engine, Tier2Unavailable
 from .frames import EngineOutput, FrameMeta, LotEvent, Result, Verdict
 from .priority import TIER2_NICE, lower_priority
@@ -102,7 +102,7 @@ class Inspector:
         self.on_engine_time = on_engine_time  # seconds of each engine call (the metrics histogram)
         self.cfg = cfg
         self.thr_cfg = thr_cfg
-        self.threshold = Threshold(thr_cfg)
+        self.threshold = Thresholds(thr_cfg)  # per recipe; forgotten when the engine changes
         self.emit = emit
         self.on_lot = on_lot
         self.model = model_info(engine)
@@ -135,6 +135,7 @@ class Inspector:
             if self._swap is not None:
                 old, self.engine, self._swap = self.engine, self._swap, None
                 self.model = model_info(self.engine)
+                self.threshold.reset()  # the new engine's scores are on their own scale
                 old.close()
             ring = self.ring  # a reload may swap self.ring: this batch goes back to the ring it came from
             items = ring.take(self.cfg.batch_size, timeout_s=0.2, wait_fill_s=self.cfg.batch_wait_ms / 1000.0)
@@ -201,7 +202,7 @@ class Inspector:
                                   f"after capture (deadline {self.cfg.deadline_ms:.0f} ms)")
                 continue
             try:
-                r = decide(out, meta, self.threshold, self.thr_cfg.min_region_px, self.model)
+                r = decide(out, meta, self.threshold.get(meta.recipe), self.thr_cfg.min_region_px, self.model)
             except Exception as exc:  # noqa: BLE001 - a malformed output is FAULT; the batch's other frames go on
                 logger.exception("engine %s gave frame %s an unusable output", self.model["name"], meta.frame_id)
                 self._fault(meta, f"engine returned an unusable output: {type(exc).__name__}: {exc}")
@@ -228,7 +229,8 @@ class LotCloser:
                  ledger: LotLedger, publish_lot: Callable[[LotEvent, list[Result], dict[str, int]], None],
                  queue_max: int = 8):
         self.get_engine = get_engine
-        self.threshold = Threshold(thr_cfg)
+        self.threshold = Thresholds(thr_cfg)  # per recipe; forgotten when the engine changes
+        self._engine_seen: Engine | None = None
         self.thr_cfg = thr_cfg
         self.ledger = ledger
         self.publish_lot = publish_lot
@@ -282,6 +284,10 @@ class LotCloser:
     def _close(self, ev: LotEvent) -> None:
         metas, counts = self.ledger.pop(ev.lot_id)
         engine = self.get_engine()
+        if engine is not self._engine_seen:  # swapped by a reload: its tier-2 scores have their own scale
+            self.threshold.reset()
+            self._engine_seen = engine
+        threshold = self.threshold.get(ev.recipe)
         model = model_info(engine)
         refined: list[Result] = []
         try:
@@ -299,12 +305,12 @@ class LotCloser:
         by_id = {m.frame_id: m for m in metas}
         for fid in outs:
             if fid in by_id:
-                self.threshold.observe(float(outs[fid].image_score))
+                threshold.observe(float(outs[fid].image_score))
         for fid, out in sorted(outs.items()):
             meta = by_id.get(fid)
             if meta is None:
                 continue
-            refined.append(decide(out, meta, self.threshold, self.thr_cfg.min_region_px, model,
+            refined.append(decide(out, meta, threshold, self.thr_cfg.min_region_px, model,
                                   tier=2, observe=False))
         missing = sum(1 for m in metas if m.frame_id not in outs) if getattr(engine, "has_tier2", False) else 0
         if missing:  # frames the engine kept no features for: said so, never silently left out

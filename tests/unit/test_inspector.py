@@ -299,3 +299,40 @@ def test_a_ring_swapped_during_a_batch_takes_no_stale_release():
     assert ins.stop(5.0)
     assert verdicts(results) == [Verdict.OK, Verdict.OK, Verdict.NG, Verdict.NG]
     assert new.depth() == 0 and len(new._free) == 4 and len(old._free) == 4  # every slot back home
+
+
+def test_an_engine_swap_and_a_new_recipe_calibrate_afresh_never_on_old_scores():
+    """A reload that rebuilds the engine left the threshold calibrated on the old engine's scores
+    (a defect of the new engine's scale passed as OK for dozens of frames); a product change did
+    the same with the old product's scores. Now each starts NOT_INSPECTED until it has its own."""
+    ring = FrameRing(64, H, W, 1, "block", 1.0)
+    results = []
+    thr = ThresholdConfig(mode="calibrated", min_scores=4, window=16, min_region_px=0)
+    ins = Inspector(ring, RecordingEngine(), InspectConfig(batch_size=1, batch_wait_ms=0), thr,
+                    results.append, lambda ev: None)
+    ins.start()
+
+    def feed(values, recipe, first):
+        for i, v in enumerate(values):
+            ring.put(np.full((H, W, 1), v, np.uint8), FrameMeta(first + i, time.time(), "c", H, W, lot_id="L",
+                                                                 recipe=recipe))
+        deadline = time.monotonic() + 10
+        while len(results) < first + len(values) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [r.verdict for r in sorted(results, key=lambda r: r.frame.frame_id)][first:]
+
+    try:
+        assert feed([200, 201, 202, 200, 201, 202], "bracket", 0)[-1] is Verdict.OK  # calibrated near 200
+        # a new product scoring near 40: its defect (120) would be OK under the bracket's threshold
+        assert feed([40, 120], "housing", 6) == [Verdict.NOT_INSPECTED] * 2
+        assert feed([41, 40, 42], "housing", 8)[-1] is Verdict.OK
+        assert feed([120], "housing", 11) == [Verdict.NG]
+        assert feed([201], "bracket", 12) == [Verdict.OK]  # the bracket keeps its own threshold
+        new = RecordingEngine()
+        ins.swap_engine(new)
+        deadline = time.monotonic() + 5
+        while ins.engine is not new and time.monotonic() < deadline:  # taken at the inspector's next look
+            time.sleep(0.01)
+        assert feed([201], "bracket", 13) == [Verdict.NOT_INSPECTED]  # the new engine calibrates afresh
+    finally:
+        assert ins.stop(5.0)
