@@ -535,6 +535,20 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _waits_below_stale(self) -> "Config":
+        # acquisition waiting this long on purpose must not look hung to the watchdog
+        stale = self.daemon.stage_stale_s
+        waits = [("ring.block_timeout_s", self.ring.block_timeout_s)]
+        if getattr(self.source, "fetch_timeout_s", None) is not None:
+            waits.append(("source.fetch_timeout_s", self.source.fetch_timeout_s))
+        for key, value in waits:
+            if value >= stale:
+                raise ValueError(f"{key} ({value:g} s) must be below daemon.stage_stale_s ({stale:g} s): "
+                                 f"acquisition waiting that long would look hung, and systemd would restart "
+                                 f"a healthy daemon")
+        return self
+
+    @model_validator(mode="after")
     def _lots_can_close(self) -> "Config":
         # a lot that never closes never gets tier 2, and its frames are kept without bound
         if self.lots.policy == "idle" and self.lots.idle_gap_s <= 0:

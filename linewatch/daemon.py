@@ -49,6 +49,7 @@ MAX_GAP_FILL = 10_000  # frame-id gaps larger than this are counted but not item
 
 
 RELOAD_WATCHDOG_CAP_S = 2 * RELOAD_WAIT_S  # watchdog pings go on this long at most during a reload
+WATCHDOG_RETRY_S = 1.0  # how soon a withheld watchdog ping is looked at again
 
 
 class StartupError(Exception):
@@ -581,7 +582,9 @@ class Daemon:
                     logger.error("watchdog withheld: stale stages %s", stale)
                 else:
                     self.notifier.watchdog_ping()
-                next_wd = time.monotonic() + wd
+                # a withheld ping is looked at again within a second: a stage stale for a moment
+                # must not leave the next ping a whole interval away (systemd's limit is 2 of them)
+                next_wd = time.monotonic() + (min(wd, WATCHDOG_RETRY_S) if stale else wd)
 
     def _reload_pinging(self, wd: float | None) -> dict[str, Any]:
         """A reload (a source reopened, an engine built and warmed up) can outlast the watchdog
@@ -594,13 +597,17 @@ class Daemon:
         done = threading.Event()
 
         def ping() -> None:
+            # at once, then every half interval: the main loop's last ping may be nearly an
+            # interval old already when the reload starts
             end = time.monotonic() + RELOAD_WATCHDOG_CAP_S
-            while not done.wait(wd) and time.monotonic() < end:
+            while time.monotonic() < end:
                 stale = {k: a for k, a in self._stale_stages().items() if k != "acquire"}
                 if stale:
                     logger.error("watchdog withheld during reload: stale stages %s", stale)
                 else:
                     self.notifier.watchdog_ping()
+                if done.wait(wd / 2):
+                    return
 
         pinger = threading.Thread(target=ping, name="reload-watchdog", daemon=True)
         pinger.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
@@ -33,6 +35,10 @@ class SourceStatus:
     # ended): a triggered camera may send nothing for hours while its loop is healthy
     t_alive: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def alive(self) -> None:
+        """The source loop is healthy now (waiting on purpose for its next frame)."""
+        self.t_alive = time.monotonic()
 
 
 class SourceError(Exception):

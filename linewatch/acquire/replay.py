@@ -110,7 +110,7 @@ class ReplayFolder:
         """Yield every sample (in a loop when ``cfg.loop``) until ``stop`` or the end."""
         if not self._samples:
             raise SourceError("replay source: frames() called before open()")
-        pacer = Pacer(self.cfg.fps)
+        pacer = Pacer(self.cfg.fps, on_alive=self.status.alive)
         loop = 0
         while not stop.is_set():
             for sample in self._samples:

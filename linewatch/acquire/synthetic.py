@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -37,10 +37,15 @@ _ANGLES_DEG = (-2.5, -1.25, 0.0, 1.25, 2.5)
 class Pacer:
     """Paces a loop at ``fps`` on the monotonic clock: tick ``i`` is due at ``t0 + i / fps``, so
     sleep overshoot does not accumulate. When the loop falls more than one period behind (a slow
-    consumer), the schedule is re-anchored instead of bursting to catch up. ``fps == 0``: no wait."""
+    consumer), the schedule is re-anchored instead of bursting to catch up. ``fps == 0``: no wait.
+    ``on_alive`` is called at least every ``ALIVE_EVERY_S`` of a long wait (a slow replay is a
+    source waiting on purpose, not a hung one: the daemon's watchdog reads it)."""
 
-    def __init__(self, fps: float):
+    ALIVE_EVERY_S = 1.0
+
+    def __init__(self, fps: float, on_alive: Callable[[], None] | None = None):
         self.period_s = 1.0 / fps if fps > 0 else 0.0
+        self.on_alive = on_alive
         self._t0: float | None = None
         self._i = 0
         self.reanchors = 0
@@ -57,8 +62,12 @@ class Pacer:
             self.reanchors += 1
             self._t0, self._i, due = now, 0, now
         self._i += 1
-        if due > now:
-            return not stop.wait(due - now)
+        while due > now:
+            if stop.wait(min(due - now, self.ALIVE_EVERY_S)):
+                return False
+            if self.on_alive is not None:
+                self.on_alive()
+            now = time.monotonic()
         return not stop.is_set()
 
 
@@ -250,7 +259,7 @@ class SyntheticLine:
         """Yield frames 0, 1, 2, ... at ``cfg.fps`` until ``stop`` or ``cfg.n_frames``."""
         if self._bank is None:
             raise SourceError("synthetic source: frames() called before open()")
-        pacer = Pacer(self.cfg.fps)
+        pacer = Pacer(self.cfg.fps, on_alive=self.status.alive)
         i = 0
         while not stop.is_set() and (self.cfg.n_frames == 0 or i < self.cfg.n_frames):
             image, mask, extra = self.render(i)

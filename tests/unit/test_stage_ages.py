@@ -61,3 +61,47 @@ def test_watchdog_pings_go_on_during_a_long_reload():
     d._reload = slow_reload
     assert Daemon._reload_pinging(d, 0.05) == {"applied": []}
     assert len(pings) >= 3
+
+
+def test_a_reload_pings_at_once_not_an_interval_after_it_began():
+    """The main loop's last ping may be nearly an interval old when a reload starts; waiting a
+    whole interval more before the first ping put the gap past systemd's limit."""
+    pings: list[float] = []
+    d = _with_closer(time.monotonic(), busy_since=None)
+    d.notifier = SimpleNamespace(watchdog_ping=lambda: pings.append(time.monotonic()))
+    d._stale_stages = lambda: Daemon._stale_stages(d)
+    t0 = time.monotonic()
+
+    def reload():
+        time.sleep(0.3)
+        return {}
+
+    d._reload = reload
+    Daemon._reload_pinging(d, 10.0)
+    assert pings and pings[0] - t0 < 0.2
+
+
+def test_a_slow_replay_keeps_its_source_alive_between_frames():
+    """A replay at 0.05 frames/s waits 20 s between frames on purpose: its loop says it is alive
+    (stage_stale_s is 10 s; the watchdog used to be withheld and systemd killed the daemon)."""
+    from linewatch.acquire.synthetic import Pacer
+
+    status = SourceStatus()
+    pacer = Pacer(1 / 2.5, on_alive=status.alive)  # a frame every 2.5 s
+    stop = threading.Event()
+    assert pacer.wait(stop)  # the first tick is due at once
+    threading.Timer(1.6, stop.set).start()
+    t0 = time.monotonic()
+    assert not pacer.wait(stop)  # stopped in the middle of the wait
+    assert status.t_alive >= t0 + 0.9  # it reported in while waiting
+
+
+def test_acquisition_waits_as_long_as_the_stale_limit_are_refused():
+    import pytest
+    from pydantic import ValidationError
+
+    from linewatch.config import Config
+
+    with pytest.raises(ValidationError, match="ring.block_timeout_s"):
+        Config.model_validate({"ring": {"policy": "block", "block_timeout_s": 10.0}})
+    Config.model_validate({"ring": {"policy": "block", "block_timeout_s": 9.0}})
