@@ -244,12 +244,16 @@ class Daemon:
         self._acq_thread.start()
 
     def _acquire(self, src: Source, ring: FrameRing, stop: threading.Event) -> None:
+        reopens = src.status.reopen_count
         try:
             for sf in src.frames(stop):
                 c0 = time.thread_time()
                 self.t_acq_heartbeat = time.monotonic()
                 self.telemetry.frames_in.inc()
                 meta = sf.meta
+                if src.status.reopen_count != reopens:  # a reopened camera numbers its frames afresh
+                    reopens = src.status.reopen_count
+                    self.last_frame_id = None
                 self._fill_gap(meta)
                 self.tracker.assign(meta, lambda: self._put(ring, sf))
                 self.acq_cpu_s += time.thread_time() - c0
@@ -462,8 +466,11 @@ class Daemon:
         shape changed (after the old ring is drained). Once the new source is open, "source" is
         in ``restarted`` and acquisition starts again whatever fails after (a new ring that cannot
         be made, an engine warm-up that fails on the new shape): the frames are then answered,
-        FAULT where they cannot be inspected, instead of a camera left open and never read."""
+        FAULT where they cannot be inspected, instead of a camera left open and never read.
+        The open lot closes (``source_restart``): the restarted source numbers its frames afresh,
+        and a lot holding one frame id twice could not be judged as a whole."""
         self._stop_acquisition()
+        self.tracker.end("source_restart")
         try:
             src = self._open_source(new)
         except StartupError as exc:

@@ -302,7 +302,18 @@ class LotCloser:
             return
         # an engine that refines tier 2 with another model (the AnoRefiner ARD) names it per lot
         model = getattr(engine, "last_tier2_model", None) or model
-        by_id = {m.frame_id: m for m in metas}
+        notes: list[str] = []  # why frames of the lot get no tier-2 result
+        seen: dict[int, int] = {}
+        for m in metas:
+            seen[m.frame_id] = seen.get(m.frame_id, 0) + 1
+        repeated = {fid for fid, n in seen.items() if n > 1}
+        if repeated:  # a camera reopened mid-lot numbers afresh: an output keyed by id fits none of them
+            n_rep = sum(seen[fid] for fid in repeated)
+            logger.warning("tier 2 of lot %s: %d frame(s) share %d frame id(s); they get no tier-2 result",
+                           ev.lot_id, n_rep, len(repeated))
+            notes.append(f"{n_rep} of {len(metas)} frame(s) share a frame id with another frame of the lot "
+                         f"(the source numbered afresh)")
+        by_id = {m.frame_id: m for m in metas if m.frame_id not in repeated}
         for fid in outs:
             if fid in by_id:
                 threshold.observe(float(outs[fid].image_score))
@@ -312,12 +323,14 @@ class LotCloser:
                 continue
             refined.append(decide(out, meta, threshold, self.thr_cfg.min_region_px, model,
                                   tier=2, observe=False))
-        missing = sum(1 for m in metas if m.frame_id not in outs) if getattr(engine, "has_tier2", False) else 0
+        missing = (sum(1 for m in metas if m.frame_id not in outs and m.frame_id not in repeated)
+                   if getattr(engine, "has_tier2", False) else 0)
         if missing:  # frames the engine kept no features for: said so, never silently left out
             logger.warning("tier 2 of lot %s: %d of %d frame(s) without a result", ev.lot_id, missing, len(metas))
-            counts = {**counts, "tier2": f"NOT_INSPECTED: {missing} of {len(metas)} frame(s) without a tier-2 "
-                                         f"result (the engine kept no features for them: engine changed, lot "
-                                         f"evicted, or frames beyond its per-lot cap)"}
+            notes.append(f"{missing} of {len(metas)} frame(s) without a tier-2 result (the engine kept no "
+                         f"features for them: engine changed, lot evicted, or frames beyond its per-lot cap)")
+        if notes:  # said so, never silently left out
+            counts = {**counts, "tier2": "NOT_INSPECTED: " + "; ".join(notes)}
         if refined:
             self.refined_lots += 1
         self.publish_lot(ev, refined, counts)

@@ -82,6 +82,12 @@ def test_a_reload_with_a_new_ring_keeps_one_answer_per_frame_and_every_lot_close
         by_lot[h["lot_id"]] = by_lot.get(h["lot_id"], 0) + 1
     for h in run.lots("closed"):
         assert sum(v for k, v in h["summary"].items() if k != "tier2") == by_lot.get(h["lot_id"], 0), h
+    # the lot open at the restart closed with it: no lot holds frames of both numberings
+    assert [h["reason"] for h in run.lots("closed")].count("source_restart") == 1
+    ids_by_lot = {}
+    for h in run.frames():
+        ids_by_lot.setdefault(h["lot_id"], []).append(h["frame_id"])
+    assert all(len(set(ids)) == len(ids) for ids in ids_by_lot.values()), ids_by_lot
 
 
 def test_a_reload_whose_warm_up_fails_on_the_new_frame_size_keeps_reading_the_new_camera(tmp_path: Path):

@@ -336,3 +336,32 @@ def test_an_engine_swap_and_a_new_recipe_calibrate_afresh_never_on_old_scores():
         assert feed([201], "bracket", 13) == [Verdict.NOT_INSPECTED]  # the new engine calibrates afresh
     finally:
         assert ins.stop(5.0)
+
+
+def test_frames_sharing_an_id_in_a_lot_get_no_tier_2_result_and_the_lot_says_so():
+    """A camera reopened mid-lot numbers afresh: lot [0, 1, 2, 0, 1] came back with 3 tier-2
+    results for 5 frames and no note (the earlier duplicates were overwritten)."""
+    from linewatch.inspector import LotCloser, LotLedger
+
+    class Whole(RecordingEngine):
+        has_tier2 = True
+
+        def lot_closed(self, lot_id):
+            return {fid: EngineOutput(np.zeros((H, W), np.float32), 0.1) for fid in (0, 1, 2)}
+
+    ledger = LotLedger()
+    for fid in (0, 1, 2, 0, 1):
+        ledger.add(FrameMeta(fid, time.time(), "cam", H, W, lot_id="L"))
+    published = []
+    closer = LotCloser(lambda: Whole(), ThresholdConfig(mode="fixed", value=1.0, min_region_px=0), ledger,
+                       lambda ev, refined, summary: published.append((refined, summary)))
+    closer.start()
+    closer.submit(LotEvent(LotEventKind.CLOSED, "L", "r", "part_count", time.time()))
+    deadline = time.monotonic() + 10
+    while not published and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closer.stop(5.0)
+    refined, summary = published[0]
+    assert [r.frame.frame_id for r in refined] == [2]
+    assert summary["tier2"] == ("NOT_INSPECTED: 4 of 5 frame(s) share a frame id with another frame of the lot "
+                                "(the source numbered afresh)")
