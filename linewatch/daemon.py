@@ -74,7 +74,10 @@ class Dispatcher:
         d.telemetry.results.labels(r.verdict.value).inc()
         if r.verdict is Verdict.NOT_INSPECTED:
             d.telemetry.drops.labels(r.reason.split(":")[0]).inc()
-        d.telemetry.latency.observe(max(0.0, now - r.frame.t_capture))
+        if r.verdict is not Verdict.NOT_INSPECTED or r.reason == "threshold calibrating":
+            # frames the engine saw: an instant answer for a dropped or lost frame would make the
+            # histogram look better the more frames are dropped
+            d.telemetry.latency.observe(max(0.0, r.frame.age_s()))
         self.ledger.count(r.frame.lot_id, r.verdict)
         if r.verdict in (Verdict.OK, Verdict.NG) or r.reason == "threshold calibrating":
             self.ledger.add(r.frame)
@@ -297,6 +300,10 @@ class Daemon:
         self.camera_lost += missing
         self.telemetry.camera_loss.inc(missing)
         logger.warning("camera %s: %d frame(s) lost before id %d", meta.camera, missing, meta.frame_id)
+        if missing > MAX_GAP_FILL:
+            logger.error("camera %s: frame ids %d-%d are counted as lost but get no NOT_INSPECTED message "
+                         "each (more than %d in one gap)", meta.camera, last + 1 + MAX_GAP_FILL,
+                         meta.frame_id - 1, MAX_GAP_FILL)
         for fid in range(last + 1, last + 1 + min(missing, MAX_GAP_FILL)):
             lost = FrameMeta(fid, meta.t_capture, meta.camera, meta.height, meta.width)
             self.tracker.assign(lost, lambda m=lost: self.dispatch.result(Result(

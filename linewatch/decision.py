@@ -22,9 +22,16 @@ def regions_from_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
                       label: str = "anomaly") -> list[Region]:
     """Connected components of ``mask`` (8-connected) of at least ``min_area_px`` pixels, each
     with its bbox (x0, y0, x1, y1; exclusive upper bounds), area and max score, largest first."""
+    return regions_and_mask(mask, score_map, min_area_px, label)[0]
+
+
+def regions_and_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
+                     label: str = "anomaly") -> tuple[list[Region], np.ndarray]:
+    """``regions_from_mask`` and the mask of the kept regions only (the published defect mask
+    must not hold blobs the region list left out as too small)."""
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     if n == 0:
-        return []
+        return [], np.zeros(mask.shape, dtype=bool)
     # per-label area and peak over the masked pixels only (ndimage.sum_labels / maximum scan the
     # whole frame per call: ~1 ms each at 256 x 256, on the per-frame path)
     lab = labels[mask]
@@ -33,14 +40,16 @@ def regions_from_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
     np.maximum.at(maxes, lab, score_map[mask])
     boxes = ndimage.find_objects(labels)
     out = []
+    keep = np.zeros(n + 1, dtype=bool)
     for i, (area, peak, sl) in enumerate(zip(areas, maxes[1:], boxes)):
         if area < min_area_px or sl is None:
             continue
+        keep[i + 1] = True
         ys, xs = sl
         out.append(Region((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)), int(area),
                           float(peak), label))
     out.sort(key=lambda r: r.area_px, reverse=True)
-    return out
+    return out, keep[labels]
 
 
 class Threshold:

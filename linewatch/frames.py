@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,9 @@ class FrameMeta:
 
     ``frame_id`` is the camera's (or source's) own counter, so gaps reveal camera-side loss.
     ``t_capture`` is wall-clock seconds (``time.time()``) when the source received the frame.
+    ``t_mono`` is the same instant on the monotonic clock (set from ``t_capture`` when the meta is
+    made): deadlines are measured on it, so an NTP or PTP step of the wall clock neither turns
+    every frame in flight into a deadline FAULT nor lets a late verdict through.
     """
 
     frame_id: int
@@ -37,6 +42,15 @@ class FrameMeta:
     source_ref: str = ""  # e.g. the replay file path; empty for live cameras
     has_gt: bool = False  # a ground-truth mask is stored in the ring slot beside the pixels
     extra: dict[str, Any] = field(default_factory=dict)
+    t_mono: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.t_mono is None:
+            self.t_mono = time.monotonic() - max(0.0, time.time() - self.t_capture)
+
+    def age_s(self) -> float:
+        """Seconds since capture, on the monotonic clock."""
+        return time.monotonic() - self.t_mono  # type: ignore[operator]
 
 
 @dataclass(slots=True)

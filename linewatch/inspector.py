@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .config import InspectConfig, ThresholdConfig
-from .decision import Threshold, Thresholds, regions_from_mask
+from .decision import Threshold, Thresholds, regions_and_mask, regions_from_mask
 from .engines.base import Engine, Tier2Unavailable
 from .frames import EngineOutput, FrameMeta, LotEvent, Result, Verdict
 from .priority import TIER2_NICE, lower_priority
@@ -62,7 +62,10 @@ def decide(out: EngineOutput, meta: FrameMeta, thr: Threshold, min_region_px: in
         return Result(meta, Verdict.NOT_INSPECTED, score, [], model, reason="threshold calibrating",
                       t_inspected=now, score_map=out.score_map, tier=tier)
     mask = out.score_map > t
-    regions = out.regions or (regions_from_mask(mask, out.score_map, min_region_px) if score > t else [])
+    regions = out.regions or []
+    if score > t and not regions:
+        # the published mask holds the listed regions only, not blobs below min_region_px
+        regions, mask = regions_and_mask(mask, out.score_map, min_region_px)
     verdict = Verdict.NG if (score > t and regions) else Verdict.OK
     return Result(meta, verdict, score, regions, model, threshold=t, t_inspected=now, mask=mask,
                   score_map=out.score_map, tier=tier)
@@ -156,7 +159,6 @@ class Inspector:
 
     def _inspect(self, handles: list[Handle], ring: FrameRing) -> None:
         deadline_s = self.cfg.deadline_ms / 1000.0
-        now = time.time()
         batch: list[tuple[Handle, np.ndarray, FrameMeta]] = []
         for h in handles:
             try:
@@ -167,9 +169,9 @@ class Inspector:
             if fault:
                 ring.release(h)
                 self._fault(meta, f"source: {fault}")
-            elif deadline_s and now - meta.t_capture > deadline_s:
+            elif deadline_s and meta.age_s() > deadline_s:
                 ring.release(h)
-                self._fault(meta, f"deadline overrun: waited {1000 * (now - meta.t_capture):.0f} ms "
+                self._fault(meta, f"deadline overrun: waited {1000 * meta.age_s():.0f} ms "
                                   f"before inspection (deadline {self.cfg.deadline_ms:.0f} ms)")
             else:
                 batch.append((h, img, meta))
@@ -194,11 +196,11 @@ class Inspector:
             self.batches += 1
             if self.on_engine_time is not None:
                 self.on_engine_time(spent)
-        t_done = time.time()
         for (h, _, meta), out in zip(batch, outs):
             ring.release(h)
-            if deadline_s and t_done - meta.t_capture > deadline_s:
-                self._fault(meta, f"deadline overrun: inspected {1000 * (t_done - meta.t_capture):.0f} ms "
+            age = meta.age_s()
+            if deadline_s and age > deadline_s:
+                self._fault(meta, f"deadline overrun: inspected {1000 * age:.0f} ms "
                                   f"after capture (deadline {self.cfg.deadline_ms:.0f} ms)")
                 continue
             try:

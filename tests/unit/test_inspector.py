@@ -365,3 +365,39 @@ def test_frames_sharing_an_id_in_a_lot_get_no_tier_2_result_and_the_lot_says_so(
     assert [r.frame.frame_id for r in refined] == [2]
     assert summary["tier2"] == ("NOT_INSPECTED: 4 of 5 frame(s) share a frame id with another frame of the lot "
                                 "(the source numbered afresh)")
+
+
+def test_the_published_mask_holds_only_the_listed_regions():
+    """A 4-px blob below min_region_px was left out of the regions but published in the mask."""
+    smap = np.zeros((32, 32), np.float32)
+    smap[2:12, 2:12] = 5.0  # 100 px
+    smap[20:22, 20:22] = 5.0  # 4 px
+    out = EngineOutput(smap, 5.0)
+    r = decide(out, FrameMeta(0, time.time(), "c", 32, 32), Threshold(ThresholdConfig(mode="fixed", value=1.0)),
+               16, {})
+    assert r.verdict is Verdict.NG and [g.area_px for g in r.regions] == [100]
+    assert r.mask.sum() == 100 and not r.mask[20:22, 20:22].any()
+
+
+def test_deadline_is_measured_on_the_monotonic_clock():
+    """A wall-clock step after capture (NTP at boot) must not turn a fresh frame into a deadline
+    FAULT, nor a late one into a verdict."""
+    meta = FrameMeta(0, time.time(), "c", H, W)
+    assert meta.age_s() < 0.1
+    old = FrameMeta(1, time.time() - 2.0, "c", H, W)  # captured 2 s ago
+    assert 1.9 < old.age_s() < 2.5
+    import unittest.mock as mock
+
+    with mock.patch("time.time", return_value=time.time() + 3600):  # the wall clock jumps an hour
+        assert meta.age_s() < 0.1
+
+
+def test_metric_series_exist_at_zero_from_the_start():
+    """increase() alerts missed the first FAULT after every start: the series did not exist yet."""
+    from prometheus_client import generate_latest
+
+    from linewatch.telemetry import Telemetry
+
+    text = generate_latest(Telemetry().registry).decode()
+    assert 'linewatch_results_total{verdict="FAULT"} 0.0' in text
+    assert 'linewatch_drops_total{cause="camera_loss"} 0.0' in text
