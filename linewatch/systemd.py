@@ -11,6 +11,8 @@ import time
 logger = logging.getLogger(__name__)
 
 
+NOTIFY_WAIT_S = 1.0  # how long a state notification waits for room in a full notify socket
+
 class Notifier:
     """Sends state lines to the socket named by ``$NOTIFY_SOCKET`` (Type=notify units)."""
 
@@ -22,20 +24,36 @@ class Notifier:
             # a leading '@' is Linux's abstract namespace
             self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # never blocking: a notify socket nobody reads (its queue holds 10 datagrams on many
+            # systems) must not stall the daemon's main loop, which serves reloads and stops
+            self._sock.setblocking(False)
+        self.dropped = 0  # notifications not sent because the socket's queue was full
 
     @property
     def enabled(self) -> bool:
         return self._sock is not None
 
-    def notify(self, *lines: str) -> bool:
+    def notify(self, *lines: str, wait_s: float = NOTIFY_WAIT_S) -> bool:
+        """Send one notification; with the socket's queue full, retry for up to ``wait_s`` (a state
+        change: READY, RELOADING, STOPPING), else drop it and count it (a watchdog ping: the next
+        one follows soon)."""
         if self._sock is None or self._addr is None:
             return False
-        try:
-            self._sock.sendto("\n".join(lines).encode(), self._addr)
-            return True
-        except OSError as exc:
-            logger.warning("sd_notify failed: %s", exc)
-            return False
+        data = "\n".join(lines).encode()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._sock.sendto(data, self._addr)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.dropped += 1
+                    logger.warning("sd_notify: the notify socket's queue is full; %r not sent", lines[0])
+                    return False
+                time.sleep(0.01)
+            except OSError as exc:
+                logger.warning("sd_notify failed: %s", exc)
+                return False
 
     def ready(self, status: str = "") -> bool:
         return self.notify("READY=1", *( [f"STATUS={status}"] if status else []))
@@ -51,7 +69,7 @@ class Notifier:
         return self.notify(f"STATUS={text}")
 
     def watchdog_ping(self) -> bool:
-        return self.notify("WATCHDOG=1")
+        return self.notify("WATCHDOG=1", wait_s=0.0)
 
     def close(self) -> None:
         if self._sock is not None:
