@@ -64,7 +64,7 @@ class SyntheticSource(Strict):
         "Kinds of defect drawn at random.", default=["scratch", "spot", "crack", "missing"], min_length=1)
     product: Literal["brushed_metal", "woven", "speckled"] = restart(
         "Surface texture of the simulated parts.", default="brushed_metal")
-    seed: int = restart("Random seed; the same seed gives the same line.", default=0)
+    seed: int = restart("Random seed; the same seed gives the same line.", default=0, ge=0)
     n_frames: int = restart("Stop after this many frames; 0 = run forever.", default=0, ge=0)
 
 

@@ -75,8 +75,8 @@ class Dispatcher:
         if r.verdict is Verdict.NOT_INSPECTED:
             d.telemetry.drops.labels(r.reason.split(":")[0]).inc()
         if r.verdict is not Verdict.NOT_INSPECTED or r.reason == "threshold calibrating":
-            # frames the engine saw: an instant answer for a dropped or lost frame would make the
-            # histogram look better the more frames are dropped
+            # not dropped or lost frames: their instant answers would make the histogram look
+            # better the more frames are dropped
             d.telemetry.latency.observe(max(0.0, r.frame.age_s()))
         self.ledger.count(r.frame.lot_id, r.verdict)
         if r.verdict in (Verdict.OK, Verdict.NG) or r.reason == "threshold calibrating":
@@ -247,16 +247,12 @@ class Daemon:
         self._acq_thread.start()
 
     def _acquire(self, src: Source, ring: FrameRing, stop: threading.Event) -> None:
-        reopens = src.status.reopen_count
         try:
             for sf in src.frames(stop):
                 c0 = time.thread_time()
                 self.t_acq_heartbeat = time.monotonic()
                 self.telemetry.frames_in.inc()
                 meta = sf.meta
-                if src.status.reopen_count != reopens:  # a reopened camera numbers its frames afresh
-                    reopens = src.status.reopen_count
-                    self.last_frame_id = None
                 self._fill_gap(meta)
                 self.tracker.assign(meta, lambda: self._put(ring, sf))
                 self.acq_cpu_s += time.thread_time() - c0
@@ -475,9 +471,12 @@ class Daemon:
         be made, an engine warm-up that fails on the new shape): the frames are then answered,
         FAULT where they cannot be inspected, instead of a camera left open and never read.
         The open lot closes (``source_restart``): the restarted source numbers its frames afresh,
-        and a lot holding one frame id twice could not be judged as a whole."""
+        and a lot holding one frame id twice could not be judged as a whole. A lot the PLC opened
+        (``control`` policy) stays open, its lot id is the PLC's; frames that then share an id get
+        no tier-2 result, which the lot message says."""
         self._stop_acquisition()
-        self.tracker.end("source_restart")
+        if self.cfg.lots.policy != "control":
+            self.tracker.end("source_restart")
         try:
             src = self._open_source(new)
         except StartupError as exc:

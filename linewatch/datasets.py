@@ -11,6 +11,7 @@ Layouts understood (detected automatically):
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -75,9 +76,15 @@ def find_mask(image: Path) -> Path | None:
     if exact.is_file():
         return exact
     want = {(image.stem + suffix).lower() for suffix in MASK_SUFFIXES}
-    found = sorted(p for p in image.parent.iterdir()
-                   if p.suffix.lower() in IMAGE_EXT and p.stem.lower() in want and p.is_file())
+    found = sorted(p for p in _mask_files(image.parent) if p.stem.lower() in want)
     return found[0] if found else None
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_files(folder: Path) -> tuple[Path, ...]:
+    """The mask-like files of a folder, listed once per folder (not once per image)."""
+    return tuple(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXT
+                 and p.stem.lower().endswith(MASK_SUFFIXES) and p.is_file())
 
 
 def _natural_key(p: Path) -> tuple:
@@ -110,6 +117,7 @@ def list_samples(root: Path | str, layout: str = "auto") -> list[Sample]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
+    _mask_files.cache_clear()  # a folder listed earlier may have changed
     layout = detect_layout(root) if layout == "auto" else layout
     out: list[Sample] = []
     if layout == "kolektor":
@@ -147,10 +155,13 @@ def list_samples(root: Path | str, layout: str = "auto") -> list[Sample]:
 
 
 def mask_pixels(im: Image.Image) -> np.ndarray:
-    """The marked pixels of a mask image, bool H x W. A mask of 0/1 values (8- or 16-bit, or a
-    palette whose index 1 marks) is marked where it is not 0; any other where it is above half
-    its type's range (0/255 masks, with JPEG noise or smoothed edges; 16-bit 0/65535). A colour
-    mask counts its brightest channel, so a pure red mark is marked."""
+    """The marked pixels of a mask image, bool H x W. A mask of 0/1 values (8- or 16-bit) is
+    marked where it is not 0; an 8-bit one where it is above 127 (0/255 masks, with JPEG noise or
+    smoothed edges); a 16-bit one above half its peak (0/65535, or 12-bit 0/4095 in a 16-bit
+    file). A colour or palette mask counts the brightest channel of its colours, so a pure red
+    mark is marked."""
+    if im.mode in ("P", "PA"):  # palette indices say nothing: their colours do
+        im = im.convert("RGB")
     arr = np.asarray(im)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
@@ -159,8 +170,9 @@ def mask_pixels(im: Image.Image) -> np.ndarray:
     peak = int(arr.max()) if arr.size else 0
     if peak <= 1:
         return arr > 0
-    full = 65535 if arr.dtype.itemsize >= 2 and peak > 255 else 255
-    return arr > full / 2
+    if arr.dtype.itemsize >= 2 and peak > 255:  # a lossless 16-bit mask: two levels, split between them
+        return arr > peak / 2
+    return arr > 127.5
 
 
 def _mask_nonzero(path: Path) -> bool:

@@ -309,7 +309,7 @@ class LotCloser:
         for m in metas:
             seen[m.frame_id] = seen.get(m.frame_id, 0) + 1
         repeated = {fid for fid, n in seen.items() if n > 1}
-        if repeated:  # a camera reopened mid-lot numbers afresh: an output keyed by id fits none of them
+        if repeated:  # a source restarted mid-lot numbers afresh: an output keyed by id fits none of them
             n_rep = sum(seen[fid] for fid in repeated)
             logger.warning("tier 2 of lot %s: %d frame(s) share %d frame id(s); they get no tier-2 result",
                            ev.lot_id, n_rep, len(repeated))

@@ -28,8 +28,8 @@ class Telemetry:
         self.camera_loss = Counter("linewatch_camera_lost_frames", "Frame-id gaps from the camera",
                                    registry=r)
         self.latency = Histogram("linewatch_capture_to_publish_seconds",
-                                 "Capture to hand-over to the publisher of tier-1 results the engine "
-                                 "saw (OK, NG, FAULT, calibrating; not dropped or lost frames)",
+                                 "Capture to hand-over to the publisher of tier-1 results: OK, NG, "
+                                 "FAULT and calibrating frames (not dropped or lost ones)",
                                  buckets=LATENCY_BUCKETS_S, registry=r)
         self.engine_s = Histogram("linewatch_engine_batch_seconds", "Engine time per batch",
                                   buckets=LATENCY_BUCKETS_S, registry=r)

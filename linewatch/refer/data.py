@@ -341,8 +341,10 @@ def pick_sentence(item: ReferItem, rng: random.Random, kinds: dict[str, list[str
     emptied: the defect asked for is not there); else one of its own.
     """
     r = rng.random()
-    if item.kind != "good" and item.whole and r < universal_prob:
-        return rng.choice(universal), True
+    if item.kind != "good" and r < universal_prob:
+        if item.whole:
+            return rng.choice(universal), True
+        return rng.choice(item.sentences), True  # its own sentence instead: never a negative
     # a sample whose kind has no sentence list (e.g. "mixed") may hold any kind: no negatives
     others = ([k for k in kinds if k != item.kind and k not in item.present]
               if item.kind in kinds or item.kind == "good" else [])

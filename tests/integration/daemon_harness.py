@@ -32,6 +32,9 @@ def config(tmp_path: Path, source: dict[str, Any], **sections: dict[str, Any]) -
                   "flush_interval_s": 0.1},
         "metrics": {"port": 0},
         "engine": {"kind": "zeroshot", "threads": 2},
+        # tests block the source on a full ring for up to a minute (nothing dropped): no watchdog runs
+        # here, but the config must let acquisition wait that long
+        "daemon": {"stage_stale_s": 120.0},
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}

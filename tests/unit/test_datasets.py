@@ -17,6 +17,13 @@ def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
     return path
 
 
+def _palette(path: Path, colours, background: int, mark: int) -> Path:
+    im = Image.fromarray(np.where(_square(1) > 0, mark, background).astype(np.uint8), "P")
+    im.putpalette([c for rgb in colours for c in rgb])
+    im.save(path)
+    return path
+
+
 def _square(value, dtype=np.uint8, shape=(16, 16)) -> np.ndarray:
     m = np.zeros(shape, dtype)
     m[4:8, 4:8] = value
@@ -29,7 +36,10 @@ def _square(value, dtype=np.uint8, shape=(16, 16)) -> np.ndarray:
     lambda p: _png(p, _square(1, np.uint16)),  # 16-bit 0/1
     lambda p: _png(p, _square(65535, np.uint16)),  # 16-bit 0/65535
     lambda p: _png(p, np.stack([_square(255), _square(0), _square(0), np.full((16, 16), 255, np.uint8)], -1)),  # red RGBA
-], ids=["0-255", "0-1", "16bit-0-1", "16bit-full", "red-rgba"])
+    lambda p: _png(p, _square(4095, np.uint16)),  # 12-bit 0/4095 in a 16-bit file
+    lambda p: _palette(p, [(255, 255, 255), (0, 0, 0)], background=1, mark=0),  # white mark at index 0
+    lambda p: _palette(p, [(0, 0, 0), (128, 128, 128), (255, 255, 255)], background=0, mark=2),
+], ids=["0-255", "0-1", "16bit-0-1", "16bit-full", "red-rgba", "12bit", "palette-white-0", "palette-index-2"])
 def test_every_mask_convention_marks_the_same_pixels_and_labels_the_image_defective(tmp_path, make):
     """The label (defective or not) and the ground truth are read by one rule: a 0/1 mask used to
     label its image defective with an empty ground truth (grey > 127 found nothing)."""

@@ -165,9 +165,12 @@ def test_the_universal_prompt_is_trained_only_on_a_whole_defect_area():
     part = rdata.ReferItem(np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), bool), ["a crack"], "crack", "x",
                            present=("crack", "fray"))
     rng = random.Random(0)
-    picks = [rdata.pick_sentence(part, rng, {"crack": ["a crack"], "fray": ["a fray"]}, ["any defect"], 0.5, 0.0)
-             for _ in range(500)]
+    kinds = {"crack": ["a crack"], "fray": ["a fray"], "spot": ["a spot"]}
+    picks = [rdata.pick_sentence(part, rng, kinds, ["any defect"], 0.5, 0.2) for _ in range(4000)]
     assert not any(s == "any defect" for s, _ in picks)
+    # the universal share goes to its own sentence, not to more negatives (empty targets)
+    share = {s: sum(p[0] == s for p in picks) / len(picks) for s in ("a crack", "a spot")}
+    assert share["a spot"] == pytest.approx(0.2, abs=0.03) and share["a crack"] == pytest.approx(0.8, abs=0.03)
     assert not part.whole and rdata.ReferItem(part.image, part.mask, ["a crack"], "crack", "x", ("crack",)).whole
 
 

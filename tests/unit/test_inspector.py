@@ -390,6 +390,23 @@ def test_deadline_is_measured_on_the_monotonic_clock():
 
     with mock.patch("time.time", return_value=time.time() + 3600):  # the wall clock jumps an hour
         assert meta.age_s() < 0.1
+    # and through the inspector: frames captured, then the wall clock steps an hour forward
+    real = time.time
+    jump = [0.0]
+    with mock.patch("time.time", side_effect=lambda: real() + jump[0]):
+        ring = FrameRing(16, H, W, 1, "block", 1.0)
+        results = []
+        ins = Inspector(ring, RecordingEngine(), InspectConfig(batch_size=2, batch_wait_ms=0, deadline_ms=1000),
+                        ThresholdConfig(mode="fixed", value=100.0, min_region_px=0), results.append, lambda ev: None)
+        for i in range(2):
+            ring.put(np.full((H, W, 1), 10, np.uint8), FrameMeta(i, time.time(), "c", H, W, lot_id="L"))
+        jump[0] = 3600.0
+        ins.start()
+        deadline = time.monotonic() + 10
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ins.stop(5.0)
+    assert verdicts(results) == [Verdict.OK, Verdict.OK], [r.reason for r in results]
 
 
 def test_metric_series_exist_at_zero_from_the_start():

@@ -19,7 +19,7 @@ depends_on = None
 
 def upgrade() -> None:
     # every existing row has a line (NOT NULL) and a unique lot id, so it is unique on both
-    with op.batch_alter_table("lots", recreate="always") as batch:  # SQLite rebuilds; PostgreSQL alters
+    with op.batch_alter_table("lots", recreate="always") as batch:  # the table is copied (SQLite and PostgreSQL)
         batch.drop_constraint("pk_lots", type_="primary")
         batch.create_primary_key("pk_lots", ["line", "lot_id"])
 
