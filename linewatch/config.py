@@ -472,9 +472,12 @@ class ThresholdConfig(Strict):
 
 # -------------------------------------------------------------------------------------- publish
 class PublishConfig(Strict):
-    endpoint: str = restart("ZeroMQ PUB endpoint to bind (tcp://host:port, ipc://path).",
+    endpoint: str = restart("ZeroMQ PUB endpoint to bind (tcp://host:port, ipc://path). A reload "
+                            "moves the publisher there between two messages (seq numbering goes on; "
+                            "subscribers connect to the new address).",
                             default="tcp://127.0.0.1:5556", pattern=ENDPOINT_PATTERN)
-    control_endpoint: str = restart("ZeroMQ REP endpoint for control commands.",
+    control_endpoint: str = restart("ZeroMQ REP endpoint for control commands (a reload keeps the "
+                                    "old one: restart the daemon).",
                                     default="tcp://127.0.0.1:5557", pattern=ENDPOINT_PATTERN)
     sndhwm: int = restart("PUB send high-water mark (messages); beyond it a slow subscriber loses "
                           "messages, which it sees as seq gaps.", default=10000, ge=1)

@@ -50,6 +50,7 @@ MAX_GAP_FILL = 10_000  # frame-id gaps larger than this are counted but not item
 
 RELOAD_WATCHDOG_CAP_S = 2 * RELOAD_WAIT_S  # watchdog pings go on this long at most during a reload
 WATCHDOG_RETRY_S = 1.0  # how soon a withheld watchdog ping is looked at again
+PUBLISHER_KEYS = {"endpoint", "sndhwm"}  # [publish] keys a reload applies by moving the PUB socket
 
 
 class StartupError(Exception):
@@ -414,6 +415,15 @@ class Daemon:
         changed = cfgmod.diff(self.cfg, new)
         applied, restarted, needs_restart = [], [], []
         try:
+            # the PUB socket first: an address in use fails here, before anything else changed
+            if set(changed.get("publish", [])) & PUBLISHER_KEYS:
+                try:
+                    self.publisher.rebind(new.publish.endpoint, new.publish.sndhwm)
+                except EndpointError as exc:
+                    raise StartupError(str(exc)) from None
+                self.cfg = self.cfg.model_copy(update={"publish": self.cfg.publish.model_copy(
+                    update={k: getattr(new.publish, k) for k in PUBLISHER_KEYS})})
+                restarted.append("publisher")
             if "source" in changed or "ring" in changed:
                 self._restart_source(new, restarted)
             if "engine" in changed or "refine" in changed:
@@ -426,7 +436,7 @@ class Daemon:
             if not isinstance(exc, StartupError):
                 logger.exception("reload failed unexpectedly while restarting a stage")
             why = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
-            if restarted:  # the source runs on the new [source] / [ring]: the config must say so
+            if "source" in restarted:  # the source runs on the new [source] / [ring]: the config must say so
                 self.cfg = self.cfg.model_copy(update={"source": new.source, "ring": new.ring})
                 why += f" (already restarted on the new config: {', '.join(restarted)}; the rest is unchanged)"
             self.last_reload_error = why
@@ -436,7 +446,8 @@ class Daemon:
             return {"errors": [why], "restarted": restarted}
         for section in ("daemon", "publish", "store", "metrics"):
             restart_keys = [k for k in changed.get(section, [])
-                            if not cfgmod.live_fields().get(f"{section}.{k}", False)]
+                            if not cfgmod.live_fields().get(f"{section}.{k}", False)
+                            and not (section == "publish" and k in PUBLISHER_KEYS)]
             needs_restart += [f"{section}.{k}" for k in restart_keys]
         update = {}
         for section in ("daemon", "publish", "store", "metrics"):

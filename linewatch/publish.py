@@ -10,6 +10,7 @@ Message: multipart ``[topic, header]`` or ``[topic, header, payload]``.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 import json
 import logging
 import queue
@@ -85,6 +86,16 @@ def lot_header(ev: LotEvent, line: str, refined: list[Result] | None = None,
     return h
 
 
+@dataclass(slots=True)
+class _Rebind:
+    """A request to move the PUB socket, answered by the publisher thread."""
+
+    endpoint: str
+    sndhwm: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
 QUEUE_MAX_BYTES = 256 * 1024 * 1024  # payload maps waiting to be encoded and sent, at most
 
 
@@ -117,12 +128,58 @@ class Publisher:
         self.t_heartbeat = time.monotonic()  # stage heartbeat for the watchdog
         self._stop = threading.Event()
         self._closed = False  # the thread took its last message: later ones are dropped
-        self._sock = ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 1000)
-        bind(self._sock, endpoint, "publish.endpoint")
+        self._ctx = ctx
+        self._sock = self._bound(endpoint, sndhwm)
+        self._bound_as = (endpoint, sndhwm)  # as configured (LAST_ENDPOINT resolves wildcards)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._rebind: _Rebind | None = None
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+
+    def _bound(self, endpoint: str, sndhwm: int) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        sock.setsockopt(zmq.LINGER, 1000)
+        bind(sock, endpoint, "publish.endpoint")
+        return sock
+
+    def rebind(self, endpoint: str, sndhwm: int, timeout_s: float = 10.0) -> str:
+        """Publish on ``endpoint`` with ``sndhwm`` from now on (a reload). The publisher thread
+        moves between two messages: every message queued goes out, in order, and the seq numbers
+        go on. Returns the endpoint bound; raises EndpointError (one line) when it cannot bind,
+        and the old socket keeps publishing."""
+        req = _Rebind(endpoint, sndhwm)
+        if self._thread.is_alive():
+            with self._drop_lock:
+                self._rebind = req
+            if not req.done.wait(timeout_s):
+                raise EndpointError(f"publish.endpoint = '{endpoint}': the publisher did not move within "
+                                    f"{timeout_s:g} s")
+        else:  # not started yet, or stopped: nothing else uses the socket
+            self._do_rebind(req)
+        if req.error is not None:
+            raise req.error
+        return self.endpoint
+
+    def _do_rebind(self, req: "_Rebind") -> None:
+        old, (old_endpoint, old_hwm) = self._sock, self._bound_as
+        try:
+            if req.endpoint == old_endpoint:  # the address is the old socket's: free it first
+                old.close(linger=1000)
+                try:
+                    self._sock = self._bound(req.endpoint, req.sndhwm)
+                except EndpointError:
+                    self._sock = self._bound(old_endpoint, old_hwm)  # back where it was
+                    raise
+            else:
+                self._sock = self._bound(req.endpoint, req.sndhwm)  # fails with the old one still serving
+                old.close(linger=1000)
+            self._bound_as = (req.endpoint, req.sndhwm)
+            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            logger.info("publishing on %s (sndhwm %d)", self.endpoint, req.sndhwm)
+        except EndpointError as exc:
+            req.error = exc
+        finally:
+            req.done.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -154,6 +211,10 @@ class Publisher:
         while True:
             now = time.monotonic()
             self.t_heartbeat = now
+            if self._rebind is not None:
+                with self._drop_lock:
+                    req, self._rebind = self._rebind, None
+                self._do_rebind(req)
             if now >= next_hb:
                 next_hb = now + self.heartbeat_s
                 try:

@@ -6,9 +6,10 @@ import json
 import time
 
 import numpy as np
+import pytest
 import zmq
 
-from linewatch.publish import Publisher
+from linewatch.publish import EndpointError, Publisher
 
 
 def test_a_bad_heartbeat_or_payload_is_counted_and_publishing_goes_on(tmp_path):
@@ -146,3 +147,55 @@ def test_a_message_sent_as_the_thread_takes_its_last_look_still_goes_out(tmp_pat
         assert pub.dropped == 1 and pub._q.empty()
     finally:
         sub.close(linger=0)
+
+
+def _collect(sub, want, timeout_s=5.0):
+    got, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(h.get("n") == want for h in got):
+        if sub.poll(100):
+            got.append(json.loads(sub.recv_multipart()[1]))
+    return got
+
+
+def test_a_reload_moves_the_pub_socket_and_seq_goes_on(tmp_path):
+    """[publish] endpoint and sndhwm apply on reload: the publisher moves between two messages,
+    keeps its seq numbering; an address it cannot bind leaves the old socket publishing."""
+    ctx = zmq.Context.instance()
+    pub = Publisher(ctx, f"ipc://{tmp_path}/a", "l1", 1000, heartbeat_s=60.0, status=lambda: {})
+    pub.start()
+    subs = []
+    try:
+        def subscribe(endpoint):
+            sub = ctx.socket(zmq.SUB)
+            sub.connect(endpoint)
+            sub.setsockopt(zmq.SUBSCRIBE, b"linewatch.l1.")
+            subs.append(sub)
+            time.sleep(0.3)  # the subscription reaches the PUB socket
+            return sub
+
+        a = subscribe(f"ipc://{tmp_path}/a")
+        pub.send("frame", {"kind": "frame", "n": 1})
+        first = _collect(a, 1)
+        assert [h["n"] for h in first if h["kind"] == "frame"] == [1]
+        assert pub.rebind(f"ipc://{tmp_path}/b", 500) == f"ipc://{tmp_path}/b"
+        b = subscribe(f"ipc://{tmp_path}/b")
+        pub.send("frame", {"kind": "frame", "n": 2})
+        second = _collect(b, 2)
+        assert [h["n"] for h in second if h["kind"] == "frame"] == [2]
+        assert second[-1]["seq"] == first[-1]["seq"] + 1  # the numbering goes on
+        # the same address with another high-water mark: closed and bound again
+        assert pub.rebind(f"ipc://{tmp_path}/b", 800) == f"ipc://{tmp_path}/b"
+        # an address taken by another socket: refused, and the publisher stays where it was
+        blocker = ctx.socket(zmq.PUB)
+        blocker.bind("tcp://127.0.0.1:*")  # (an ipc path is taken over by a second bind; a port is not)
+        subs.append(blocker)
+        with pytest.raises(EndpointError, match="cannot bind"):
+            pub.rebind(blocker.getsockopt_string(zmq.LAST_ENDPOINT), 800)
+        assert pub.endpoint == f"ipc://{tmp_path}/b"
+        time.sleep(0.3)  # the SUB reconnects to the address bound again
+        pub.send("frame", {"kind": "frame", "n": 3})
+        assert [h["n"] for h in _collect(b, 3) if h["kind"] == "frame"] == [3]
+    finally:
+        pub.stop(2.0)
+        for s in subs:
+            s.close(linger=0)

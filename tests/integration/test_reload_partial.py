@@ -158,3 +158,46 @@ def test_a_ctl_reload_queued_behind_a_stop_is_answered_at_once(tmp_path: Path):
     assert run.error is None and run.rc == 0
     assert "stopping; the reload was not run" in run.observed["error"]
     assert run.observed["waited_s"] < 30  # not the 60 s of a reload that never comes
+
+
+def test_a_reload_moves_the_publisher_to_its_new_endpoint(tmp_path: Path):
+    """[publish] endpoint is applied by a reload (it needed a daemon restart): subscribers of the
+    new endpoint get the frames, the seq numbering goes on, the config says where it publishes."""
+    import json
+    import time
+
+    import zmq
+
+    source = {"kind": "synthetic", "width": 64, "height": 64, "n_frames": 100000, "fps": 20.0}
+    cfg = config(tmp_path, source, engine={"kind": "zeroshot", "threads": 1, "input_size": 64})
+    new_file = tmp_path / "new.toml"
+    moved = f"ipc://{tmp_path}/pub2"
+    new_file.write_text(
+        f'[source]\nkind = "synthetic"\nwidth = 64\nheight = 64\nn_frames = 100000\nfps = 20.0\n'
+        f'[publish]\nendpoint = "{moved}"\ncontrol_endpoint = "{cfg.publish.control_endpoint}"\n'
+        f'heartbeat_s = 0.5\n'
+        f'[store]\nurl = "{cfg.store.url}"\nspool_dir = "{cfg.store.spool_dir}"\nflush_interval_s = 0.1\n'
+        f'[metrics]\nport = 0\n[daemon]\nstage_stale_s = 120.0\n'
+        f'[engine]\nkind = "zeroshot"\nthreads = 1\ninput_size = 64\n')
+
+    def move(daemon):
+        time.sleep(0.5)
+        daemon.config_path = new_file
+        reply = daemon._handlers()["reload"]([])
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.connect(moved)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        got, deadline = [], time.monotonic() + 10
+        while time.monotonic() < deadline and not any(h["kind"] == "frame" for h in got):
+            if sub.poll(100):
+                got.append(json.loads(sub.recv_multipart()[1]))
+        sub.close(linger=0)
+        return reply, got, daemon.cfg.publish.endpoint, daemon.publisher.endpoint
+
+    run = run_daemon(cfg, stop_after_s=1.0, timeout_s=180, exit_at_source_end=False, while_running=move)
+    assert run.error is None and run.rc == 0
+    reply, got, cfg_endpoint, bound = run.observed
+    assert reply["restarted"] == ["publisher"] and "publish.endpoint" not in reply["needs_daemon_restart"]
+    assert cfg_endpoint == moved == bound
+    frames = [h for h in got if h["kind"] == "frame"]
+    assert frames and frames[0]["seq"] > max(run.seqs())  # numbering went on from the old socket's
