@@ -480,7 +480,8 @@ class PublishConfig(Strict):
                                     "old one: restart the daemon).",
                                     default="tcp://127.0.0.1:5557", pattern=ENDPOINT_PATTERN)
     sndhwm: int = restart("PUB send high-water mark (messages); beyond it a slow subscriber loses "
-                          "messages, which it sees as seq gaps.", default=10000, ge=1)
+                          "messages, which it sees as seq gaps. A reload applies a new value to "
+                          "subscribers that connect after it.", default=10000, ge=1, le=2**31 - 1)
     heartbeat_s: float = live("Heartbeat period.", default=1.0, gt=0)
     payload: Literal["none", "mask", "score_map"] = live("PNG payload attached to frame results: mask = "
                                                          "the defect mask of NG frames; score_map = the "

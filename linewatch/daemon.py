@@ -438,6 +438,7 @@ class Daemon:
             why = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
             if "source" in restarted:  # the source runs on the new [source] / [ring]: the config must say so
                 self.cfg = self.cfg.model_copy(update={"source": new.source, "ring": new.ring})
+            if restarted:
                 why += f" (already restarted on the new config: {', '.join(restarted)}; the rest is unchanged)"
             self.last_reload_error = why
             self.reloads["failed"] += 1
@@ -465,7 +466,8 @@ class Daemon:
         self.store.cfg = merged.store  # its live keys (retention_days); the restart keys kept their values
         logging.getLogger("linewatch").setLevel(merged.daemon.log_level)
         applied = [f"{s}.{k}" for s, ks in changed.items() for k in ks
-                   if f"{s}.{k}" not in needs_restart and s not in ("source", "ring", "engine", "refine")]
+                   if f"{s}.{k}" not in needs_restart and s not in ("source", "ring", "engine", "refine")
+                   and not (s == "publish" and k in PUBLISHER_KEYS)]  # those are "publisher" in restarted
         self.reloads["ok"] += 1
         self.last_reload_error = ""
         if needs_restart:
@@ -592,12 +594,13 @@ class Daemon:
                     logger.info("stopping (%s)", what)
                     return
                 if what == "reload":
+                    # the `ctl reload` waiting now is answered by this reload, which reads the file
+                    # after its request; one that comes in while this runs gets a reload of its own
+                    reply, self._reload_reply = getattr(self, "_reload_reply", None), None
                     result = self._reload_pinging(wd)
-                    reply = getattr(self, "_reload_reply", None)
                     if reply is not None:
                         reply[1].update(result)
                         reply[0].set()
-                        self._reload_reply = None
             self.tracker.tick()
             self._update_gauges()
             if wd is not None and time.monotonic() >= next_wd:

@@ -144,10 +144,17 @@ class LotTracker:
             return lot_id
 
     def tick(self, now: float | None = None) -> None:
-        """Housekeeping: close a lot whose idle gap has passed even if no frame comes."""
-        with self._lock:
+        """Housekeeping: close a lot whose idle gap has passed even if no frame comes. Skipped
+        when a frame is being assigned (the acquisition thread holds the lock, perhaps for a ring
+        wait of seconds): frames are coming, so no idle gap is due, and the caller (the daemon's
+        main loop, which serves stops and reloads) must not wait."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             lot = self.current
             gap = self.cfg.idle_gap_s
             if lot is not None and gap > 0 and lot.n_frames:
                 if (now if now is not None else self._clock()) - lot.t_last_frame > gap:
                     self._close("idle_gap")
+        finally:
+            self._lock.release()

@@ -145,39 +145,47 @@ class Publisher:
     def rebind(self, endpoint: str, sndhwm: int, timeout_s: float = 10.0) -> str:
         """Publish on ``endpoint`` with ``sndhwm`` from now on (a reload). The publisher thread
         moves between two messages: every message queued goes out, in order, and the seq numbers
-        go on. Returns the endpoint bound; raises EndpointError (one line) when it cannot bind,
-        and the old socket keeps publishing."""
+        go on. On the same endpoint only the high-water mark changes, for subscribers that connect
+        from then on (the socket stays bound: a TCP port closed and bound again at once is still
+        in use, and connected subscribers would lose messages). Returns the endpoint bound; raises
+        EndpointError (one line) when it cannot bind, and the old socket keeps publishing."""
         req = _Rebind(endpoint, sndhwm)
+        if self._stop.is_set():
+            raise EndpointError(f"publish.endpoint = '{endpoint}': the publisher is stopping")
         if self._thread.is_alive():
             with self._drop_lock:
                 self._rebind = req
             if not req.done.wait(timeout_s):
-                raise EndpointError(f"publish.endpoint = '{endpoint}': the publisher did not move within "
-                                    f"{timeout_s:g} s")
-        else:  # not started yet, or stopped: nothing else uses the socket
+                with self._drop_lock:
+                    if self._rebind is req:  # never taken: it must not happen after the reply
+                        self._rebind = None
+                if not req.done.is_set():
+                    raise EndpointError(f"publish.endpoint = '{endpoint}': the publisher did not move within "
+                                        f"{timeout_s:g} s")
+        else:  # not started yet: nothing else uses the socket
             self._do_rebind(req)
         if req.error is not None:
             raise req.error
         return self.endpoint
 
     def _do_rebind(self, req: "_Rebind") -> None:
-        old, (old_endpoint, old_hwm) = self._sock, self._bound_as
+        old, (old_endpoint, _) = self._sock, self._bound_as
+        new = None
         try:
-            if req.endpoint == old_endpoint:  # the address is the old socket's: free it first
-                old.close(linger=1000)
-                try:
-                    self._sock = self._bound(req.endpoint, req.sndhwm)
-                except EndpointError:
-                    self._sock = self._bound(old_endpoint, old_hwm)  # back where it was
-                    raise
+            if req.endpoint == old_endpoint:
+                old.setsockopt(zmq.SNDHWM, req.sndhwm)  # pipes made from now on
             else:
-                self._sock = self._bound(req.endpoint, req.sndhwm)  # fails with the old one still serving
+                new = self._bound(req.endpoint, req.sndhwm)  # fails with the old one still serving
+                self._sock, new = new, None
                 old.close(linger=1000)
+                self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._bound_as = (req.endpoint, req.sndhwm)
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
             logger.info("publishing on %s (sndhwm %d)", self.endpoint, req.sndhwm)
-        except EndpointError as exc:
-            req.error = exc
+        except Exception as exc:  # noqa: BLE001 - a bad value must not end the publisher thread
+            if new is not None:
+                new.close(linger=0)
+            req.error = exc if isinstance(exc, EndpointError) else EndpointError(
+                f"publish.endpoint = '{req.endpoint}': cannot move the publisher: {type(exc).__name__}: {exc}")
         finally:
             req.done.set()
 
@@ -231,6 +239,10 @@ class Publisher:
             self._publish(*item)
         with self._drop_lock:
             self._closed = True
+            req, self._rebind = self._rebind, None
+        if req is not None:  # asked for as the thread stopped: answered, not left waiting
+            req.error = EndpointError(f"publish.endpoint = '{req.endpoint}': the publisher is stopping")
+            req.done.set()
         while True:  # what was queued between the last look and closing still goes out
             try:
                 item = self._q.get_nowait()

@@ -183,8 +183,13 @@ def test_a_reload_moves_the_pub_socket_and_seq_goes_on(tmp_path):
         second = _collect(b, 2)
         assert [h["n"] for h in second if h["kind"] == "frame"] == [2]
         assert second[-1]["seq"] == first[-1]["seq"] + 1  # the numbering goes on
-        # the same address with another high-water mark: closed and bound again
+        # the same address with another high-water mark: the socket stays bound (closing and
+        # binding a TCP port again at once fails: the address is still in use)
         assert pub.rebind(f"ipc://{tmp_path}/b", 800) == f"ipc://{tmp_path}/b"
+        # a value ZeroMQ refuses is an error; the publisher thread goes on
+        with pytest.raises(EndpointError, match="cannot move"):
+            pub.rebind(f"ipc://{tmp_path}/d", 2**31)
+        assert pub._thread.is_alive() and pub.endpoint == f"ipc://{tmp_path}/b"
         # an address taken by another socket: refused, and the publisher stays where it was
         blocker = ctx.socket(zmq.PUB)
         blocker.bind("tcp://127.0.0.1:*")  # (an ipc path is taken over by a second bind; a port is not)
@@ -194,8 +199,32 @@ def test_a_reload_moves_the_pub_socket_and_seq_goes_on(tmp_path):
         assert pub.endpoint == f"ipc://{tmp_path}/b"
         time.sleep(0.3)  # the SUB reconnects to the address bound again
         pub.send("frame", {"kind": "frame", "n": 3})
-        assert [h["n"] for h in _collect(b, 3) if h["kind"] == "frame"] == [3]
+        third = _collect(b, 3)
+        assert [h["n"] for h in third if h["kind"] == "frame"] == [3] and third[-1]["seq"] == second[-1]["seq"] + 1
     finally:
         pub.stop(2.0)
         for s in subs:
             s.close(linger=0)
+    t0 = time.monotonic()
+    with pytest.raises(EndpointError, match="stopping"):  # after stop: refused at once, nothing bound
+        pub.rebind(f"ipc://{tmp_path}/e", 800)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_same_tcp_address_with_a_new_high_water_mark_keeps_publishing(tmp_path):
+    ctx = zmq.Context.instance()
+    pub = Publisher(ctx, "tcp://127.0.0.1:*", "l1", 1000, heartbeat_s=60.0, status=lambda: {})
+    pub.start()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        endpoint = pub.endpoint
+        sub.connect(endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"linewatch.l1.")
+        time.sleep(0.3)
+        assert pub.rebind("tcp://127.0.0.1:*", 500) == endpoint  # the configured string: same address
+        pub.send("frame", {"kind": "frame", "n": 1})
+        assert [h["n"] for h in _collect(sub, 1) if h["kind"] == "frame"] == [1]
+        assert pub.failed == 0
+    finally:
+        pub.stop(2.0)
+        sub.close(linger=0)

@@ -109,3 +109,26 @@ def test_redirect_sends_later_events_to_the_new_emit_after_the_drain():
     assert seen == [1]  # ran under the lock, before any later event
     assert [e.kind.value for e in events] == ["opened"]  # A's open, on the old emit
     assert [(e.kind.value, e.lot_id) for e in new] == [("closed", "A"), ("opened", "B")]
+
+
+def test_tick_never_waits_for_a_frame_being_assigned():
+    """The daemon's main loop ticks the tracker; the acquisition thread holds its lock while a
+    full ring makes the frame wait (seconds with policy block): a tick waited, and stops and
+    reloads with it."""
+    import threading
+    import time
+
+    lt = LotTracker(LotsConfig(policy="idle", idle_gap_s=0.01), lambda e: None)
+    held, release = threading.Event(), threading.Event()
+
+    def assign_slowly():
+        lt.assign(FrameMeta(0, 0.0, "c", 4, 4), lambda: (held.set(), release.wait(5)))
+
+    t = threading.Thread(target=assign_slowly)
+    t.start()
+    assert held.wait(5)
+    t0 = time.monotonic()
+    lt.tick()
+    assert time.monotonic() - t0 < 0.5
+    release.set()
+    t.join()
