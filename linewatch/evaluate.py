@@ -539,11 +539,14 @@ def _unreadable(samples: list[ds.Sample]) -> list[str]:
     bad = []
     for s in samples:
         try:
-            img = ds.load_image(s.image, 1)
+            img = ds.load_image(s.image, 1)  # its error names the image
+        except ValueError as exc:
+            bad.append(str(exc))
+            continue
+        try:
             ds.load_mask(s.mask, img.shape[:2])
         except (OSError, ValueError, SyntaxError) as exc:
-            bad.append(str(exc) if str(s.image) in str(exc) or (s.mask and str(s.mask) in str(exc))
-                       else f"{s.mask or s.image}: {exc}")
+            bad.append(f"{s.mask}: {exc}")
     return bad
 
 

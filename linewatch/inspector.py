@@ -11,6 +11,7 @@ them into refined results, beside the inspector so tier 1 keeps its latency.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -305,9 +306,7 @@ class LotCloser:
         # an engine that refines tier 2 with another model (the AnoRefiner ARD) names it per lot
         model = getattr(engine, "last_tier2_model", None) or model
         notes: list[str] = []  # why frames of the lot get no tier-2 result
-        seen: dict[int, int] = {}
-        for m in metas:
-            seen[m.frame_id] = seen.get(m.frame_id, 0) + 1
+        seen = collections.Counter(m.frame_id for m in metas)
         repeated = {fid for fid, n in seen.items() if n > 1}
         if repeated:  # a source restarted mid-lot numbers afresh: an output keyed by id fits none of them
             n_rep = sum(seen[fid] for fid in repeated)

@@ -121,29 +121,20 @@ def make_samples(images: Sequence[np.ndarray], feats: Sequence[torch.Tensor], re
         frames.append(out)
         masks.append(mask)
     samples = []
-    for s in range(0, len(frames), FEATURE_BATCH):
+    for start in range(0, len(frames), FEATURE_BATCH):
         if should_stop is not None and should_stop():
             break
-        batch = slice(s, s + FEATURE_BATCH)
-        samples.extend(_score_samples(picks[batch], frames[batch], extract(frames[batch]), masks[batch], feats,
-                                      refs, test_z, scale, scorer, rng, references, border, position, memory))
-    return samples
-
-
-def _score_samples(picks, frames, syn_feats, masks, feats, refs, test_z, scale, scorer, rng, references,
-                   border, position, memory) -> list[Sample]:
-    """One batch of ``make_samples``: each synthetic frame scored as tier 2 scores its source."""
-    samples = []
-    for i, img, f, m in zip(picks, frames, syn_feats, masks):
-        others = [j for j in range(len(feats)) if j != i]
-        if len(others) > references:
-            others = [int(j) for j in rng.choice(others, references, replace=False)]
-        against = [refs[j] for j in others] + list(memory)  # the tier-2 memory, as at tier 2
-        grid = scorer.score(f, against) if against else scorer.score_self(f)
-        if position:  # the source frame's position offset, as tier 2
-            grid = zs.subtract_offset(grid, position[i])
-        grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2
-        zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
-        hot = (test_z[i] > IGNORE_UNITS).numpy().repeat(GRID_STRIDE, 0).repeat(GRID_STRIDE, 1)
-        samples.append(Sample(img, scorer.fine(f), zg, m, ignore=hot[:m.shape[0], :m.shape[1]] & ~m))
+        batch = slice(start, start + FEATURE_BATCH)
+        for i, img, f, m in zip(picks[batch], frames[batch], extract(frames[batch]), masks[batch]):
+            others = [j for j in range(len(feats)) if j != i]
+            if len(others) > references:
+                others = [int(j) for j in rng.choice(others, references, replace=False)]
+            against = [refs[j] for j in others] + list(memory)  # the tier-2 memory, as at tier 2
+            grid = scorer.score(f, against) if against else scorer.score_self(f)
+            if position:  # the source frame's position offset, as tier 2
+                grid = zs.subtract_offset(grid, position[i])
+            grid = zs.apply_border(grid, border)  # the lot's edge calibration, as tier 2
+            zg = (grid.float() - grid.float().median()) / scale + test_z[i].float().median()
+            hot = (test_z[i] > IGNORE_UNITS).numpy().repeat(GRID_STRIDE, 0).repeat(GRID_STRIDE, 1)
+            samples.append(Sample(img, scorer.fine(f), zg, m, ignore=hot[:m.shape[0], :m.shape[1]] & ~m))
     return samples
