@@ -418,3 +418,30 @@ def test_metric_series_exist_at_zero_from_the_start():
     text = generate_latest(Telemetry().registry).decode()
     assert 'linewatch_results_total{verdict="FAULT"} 0.0' in text
     assert 'linewatch_drops_total{cause="camera_loss"} 0.0' in text
+
+
+def test_the_latency_histogram_counts_inspected_frames_not_instant_drops():
+    """Dropped and lost frames are answered at once; counted in the capture-to-publish histogram
+    they made its percentiles look better the more frames were dropped."""
+    from types import SimpleNamespace
+
+    from linewatch.daemon import Dispatcher
+    from linewatch.frames import Result
+    from linewatch.telemetry import Telemetry
+
+    sent = []
+    d = SimpleNamespace(telemetry=Telemetry(), publisher=SimpleNamespace(send=lambda *a: sent.append(a)),
+                        store=SimpleNamespace(submit_result=lambda r, t: None),
+                        cfg=SimpleNamespace(publish=SimpleNamespace(payload="none"), daemon=SimpleNamespace(line="l1")))
+    disp = Dispatcher(d)
+    old = FrameMeta(0, time.time() - 0.5, "c", H, W, lot_id="L")
+    disp.result(Result(old, Verdict.OK, 0.1, [], {}, threshold=1.0, t_inspected=time.time()))
+    for i, reason in enumerate(("ring_full_oldest: dropped", "camera_loss: frame id never arrived"), start=1):
+        disp.result(Result(FrameMeta(i, time.time(), "c", H, W, lot_id="L"), Verdict.NOT_INSPECTED, None, [], {},
+                           reason=reason, t_inspected=time.time()))
+    disp.result(Result(FrameMeta(3, time.time(), "c", H, W, lot_id="L"), Verdict.NOT_INSPECTED, 0.2, [], {},
+                       reason="threshold calibrating", t_inspected=time.time()))
+    assert d.telemetry.latency._sum.get() >= 0.5  # the OK frame's half second
+    count = sum(b.get() for b in d.telemetry.latency._buckets)
+    assert count == 2  # the OK frame and the calibrating one; not the dropped or lost frame
+    assert len(sent) == 4
