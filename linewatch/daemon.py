@@ -604,14 +604,18 @@ class Daemon:
             self.tracker.tick()
             self._update_gauges()
             if wd is not None and time.monotonic() >= next_wd:
-                stale = self._stale_stages()
-                if stale:
-                    logger.error("watchdog withheld: stale stages %s", stale)
-                else:
-                    self.notifier.watchdog_ping()
-                # a withheld ping is looked at again within a second: a stage stale for a moment
-                # must not leave the next ping a whole interval away (systemd's limit is 2 of them)
-                next_wd = time.monotonic() + (min(wd, WATCHDOG_RETRY_S) if stale else wd)
+                next_wd = self._watchdog_check(wd)
+
+    def _watchdog_check(self, wd: float) -> float:
+        """Ping the watchdog unless a stage is stale; returns when to look again. A withheld ping
+        is looked at again within a second: a stage stale for a moment must not leave the next
+        ping a whole interval away (systemd's limit is two of them)."""
+        stale = self._stale_stages()
+        if stale:
+            logger.error("watchdog withheld: stale stages %s", stale)
+        else:
+            self.notifier.watchdog_ping()
+        return time.monotonic() + (min(wd, WATCHDOG_RETRY_S) if stale else wd)
 
     def _reload_pinging(self, wd: float | None) -> dict[str, Any]:
         """A reload (a source reopened, an engine built and warmed up) can outlast the watchdog

@@ -105,3 +105,18 @@ def test_acquisition_waits_as_long_as_the_stale_limit_are_refused():
     with pytest.raises(ValidationError, match="ring.block_timeout_s"):
         Config.model_validate({"ring": {"policy": "block", "block_timeout_s": 10.0}})
     Config.model_validate({"ring": {"policy": "block", "block_timeout_s": 9.0}})
+
+
+def test_a_withheld_ping_is_looked_at_again_within_a_second():
+    """A stage stale at one check used to leave the next look a whole interval away: with
+    systemd's limit at two intervals, one stale moment killed a healthy daemon."""
+    pings: list[float] = []
+    now = time.monotonic()
+    d = _with_closer(now - 60, busy_since=None)  # the lot closer looks hung right now
+    d.notifier = SimpleNamespace(watchdog_ping=lambda: pings.append(time.monotonic()))
+    d._stale_stages = lambda: Daemon._stale_stages(d)
+    again = Daemon._watchdog_check(d, 15.0)
+    assert not pings and again - time.monotonic() <= 1.0
+    d.closer.t_heartbeat = time.monotonic()  # it beat again
+    again = Daemon._watchdog_check(d, 15.0)
+    assert len(pings) == 1 and again - time.monotonic() > 14.0
