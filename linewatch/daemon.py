@@ -606,11 +606,11 @@ class Daemon:
             if wd is not None and time.monotonic() >= next_wd:
                 next_wd = self._watchdog_check(wd)
 
-    def _watchdog_check(self, wd: float) -> float:
-        """Ping the watchdog unless a stage is stale; returns when to look again. A withheld ping
-        is looked at again within a second: a stage stale for a moment must not leave the next
-        ping a whole interval away (systemd's limit is two of them)."""
-        stale = self._stale_stages()
+    def _watchdog_check(self, wd: float, skip: tuple[str, ...] = ()) -> float:
+        """Ping the watchdog unless a stage (other than those in ``skip``) is stale; returns when
+        to look again. A withheld ping is looked at again within a second: a stage stale for a
+        moment must not leave the next ping a whole interval away (systemd's limit is two of them)."""
+        stale = {k: a for k, a in self._stale_stages().items() if k not in skip}
         if stale:
             logger.error("watchdog withheld: stale stages %s", stale)
         else:
@@ -632,11 +632,7 @@ class Daemon:
             # interval old already when the reload starts
             end = time.monotonic() + RELOAD_WATCHDOG_CAP_S
             while time.monotonic() < end:
-                stale = {k: a for k, a in self._stale_stages().items() if k != "acquire"}
-                if stale:
-                    logger.error("watchdog withheld during reload: stale stages %s", stale)
-                else:
-                    self.notifier.watchdog_ping()
+                self._watchdog_check(wd, skip=("acquire",))
                 if done.wait(wd / 2):
                     return
 

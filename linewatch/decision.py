@@ -22,16 +22,23 @@ def regions_from_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
                       label: str = "anomaly") -> list[Region]:
     """Connected components of ``mask`` (8-connected) of at least ``min_area_px`` pixels, each
     with its bbox (x0, y0, x1, y1; exclusive upper bounds), area and max score, largest first."""
-    return regions_and_mask(mask, score_map, min_area_px, label)[0]
+    return _components(mask, score_map, min_area_px, label)[0]
 
 
 def regions_and_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
                      label: str = "anomaly") -> tuple[list[Region], np.ndarray]:
     """``regions_from_mask`` and the mask of the kept regions only (the published defect mask
     must not hold blobs the region list left out as too small)."""
+    regions, keep, labels = _components(mask, score_map, min_area_px, label)
+    return regions, keep[labels]
+
+
+def _components(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
+                label: str) -> tuple[list[Region], np.ndarray, np.ndarray]:
+    """The kept regions, a per-label keep flag (index 0: background) and the label image."""
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     if n == 0:
-        return [], np.zeros(mask.shape, dtype=bool)
+        return [], np.zeros(1, dtype=bool), labels
     # per-label area and peak over the masked pixels only (ndimage.sum_labels / maximum scan the
     # whole frame per call: ~1 ms each at 256 x 256, on the per-frame path)
     lab = labels[mask]
@@ -49,7 +56,7 @@ def regions_and_mask(mask: np.ndarray, score_map: np.ndarray, min_area_px: int,
         out.append(Region((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)), int(area),
                           float(peak), label))
     out.sort(key=lambda r: r.area_px, reverse=True)
-    return out, keep[labels]
+    return out, keep, labels
 
 
 class Threshold:

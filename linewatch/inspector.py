@@ -167,12 +167,13 @@ class Inspector:
             except StaleHandle:
                 continue  # reused by drop_oldest: its NOT_INSPECTED went out at the drop
             fault = meta.extra.get("fault")
+            age = meta.age_s()
             if fault:
                 ring.release(h)
                 self._fault(meta, f"source: {fault}")
-            elif deadline_s and meta.age_s() > deadline_s:
+            elif deadline_s and age > deadline_s:
                 ring.release(h)
-                self._fault(meta, f"deadline overrun: waited {1000 * meta.age_s():.0f} ms "
+                self._fault(meta, f"deadline overrun: waited {1000 * age:.0f} ms "
                                   f"before inspection (deadline {self.cfg.deadline_ms:.0f} ms)")
             else:
                 batch.append((h, img, meta))

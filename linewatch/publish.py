@@ -10,12 +10,12 @@ Message: multipart ``[topic, header]`` or ``[topic, header, payload]``.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
 import json
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -61,7 +61,7 @@ def encode_png(arr: np.ndarray) -> bytes:
 def frame_header(r: Result, line: str) -> dict[str, Any]:
     m = r.frame
     return {
-        "v": WIRE_VERSION, "kind": "frame", "line": line, "camera": m.camera, "lot_id": m.lot_id,
+        "kind": "frame", "line": line, "camera": m.camera, "lot_id": m.lot_id,
         "recipe": m.recipe, "frame_id": m.frame_id, "t_capture": m.t_capture,
         "t_inspected": r.t_inspected, "tier": r.tier, "verdict": r.verdict.value,
         "score": None if r.score is None else round(float(r.score), 6),
@@ -72,7 +72,7 @@ def frame_header(r: Result, line: str) -> dict[str, Any]:
 
 def lot_header(ev: LotEvent, line: str, refined: list[Result] | None = None,
                summary: dict[str, int] | None = None) -> dict[str, Any]:
-    h: dict[str, Any] = {"v": WIRE_VERSION, "kind": "lot", "line": line, "event": ev.kind.value,
+    h: dict[str, Any] = {"kind": "lot", "line": line, "event": ev.kind.value,
                          "lot_id": ev.lot_id, "recipe": ev.recipe, "reason": ev.reason, "t_event": ev.t,
                          "n_frames": ev.n_frames}
     if summary is not None:
@@ -130,7 +130,7 @@ class Publisher:
         self._closed = False  # the thread took its last message: later ones are dropped
         self._ctx = ctx
         self._sock = self._bound(endpoint, sndhwm)
-        self._bound_as = (endpoint, sndhwm)  # as configured (LAST_ENDPOINT resolves wildcards)
+        self._bound_as = endpoint  # as configured (LAST_ENDPOINT resolves wildcards)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._rebind: _Rebind | None = None
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
@@ -169,17 +169,16 @@ class Publisher:
         return self.endpoint
 
     def _do_rebind(self, req: "_Rebind") -> None:
-        old, (old_endpoint, _) = self._sock, self._bound_as
-        new = None
+        old, new = self._sock, None
         try:
-            if req.endpoint == old_endpoint:
+            if req.endpoint == self._bound_as:
                 old.setsockopt(zmq.SNDHWM, req.sndhwm)  # pipes made from now on
             else:
                 new = self._bound(req.endpoint, req.sndhwm)  # fails with the old one still serving
                 self._sock, new = new, None
                 old.close(linger=1000)
                 self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._bound_as = (req.endpoint, req.sndhwm)
+            self._bound_as = req.endpoint
             logger.info("publishing on %s (sndhwm %d)", self.endpoint, req.sndhwm)
         except Exception as exc:  # noqa: BLE001 - a bad value must not end the publisher thread
             if new is not None:
@@ -264,6 +263,7 @@ class Publisher:
         self.cpu_s += time.thread_time() - c0
 
     def _emit(self, kind: str, header: dict[str, Any], payload: np.ndarray | None) -> None:
+        header = {"v": WIRE_VERSION, **header}  # every header, whoever built it, names the wire version
         png = None
         if payload is not None:
             try:
@@ -275,7 +275,7 @@ class Publisher:
         with self._drop_lock:
             gap, self._gap = self._gap, 0
         self.seq += 1 + gap
-        header = {"v": WIRE_VERSION, **header, "seq": self.seq, "t_publish": time.time()}
+        header.update(seq=self.seq, t_publish=time.time())
         parts = [topic(self.line, kind)]
         if png is not None:
             header["payload"] = "png-mask" if payload.dtype == bool else "png-score"
